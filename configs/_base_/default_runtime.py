@@ -1,0 +1,22 @@
+# Runtime shared by every config: hooks, logging, checkpoints, environment.
+custom_imports = dict(imports=["detectors.engine"], allow_failed_imports=False)
+
+default_hooks = dict(
+    timer=dict(type="IterTimerHook"),
+    logger=dict(type="LoggerHook", interval=50),  # one progress line every 50 iterations
+    param_scheduler=dict(type="ParamSchedulerHook"),
+    checkpoint=dict(type="CheckpointHook", interval=1, max_keep_ckpts=3, save_last=True),
+    sampler_seed=dict(type="DistSamplerSeedHook"),
+)
+env_cfg = dict(
+    cudnn_benchmark=False,
+    mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
+    dist_cfg=dict(backend="nccl"),  # tools/train.py switches to gloo without CUDA
+)
+# scalars.json under work_dir/<timestamp>/vis_data/ feeds tools/plot_curves.py
+visualizer = dict(type="Visualizer", vis_backends=[dict(type="LocalVisBackend")])
+log_processor = dict(window_size=50, by_epoch=True)
+log_level = "INFO"
+load_from = None
+resume = False
+randomness = dict(seed=0)

@@ -1,0 +1,235 @@
+"""mmengine glue: the model wrapper, the COCO dataset and metric, the collate, checkpoint loading.
+
+Importing this module registers, in mmengine's root registries:
+
+* ``MODELS``: :class:`DetectorModel` (a ``BaseModel`` around :func:`detectors.build_detector`);
+* ``DATASETS``: :class:`CocoDetectionDataset` (generates the built-in shapes data on first use);
+* ``METRICS``: :class:`CocoMetric` (pycocotools ``COCOeval``, one result per image);
+* ``FUNCTIONS``: ``detection_collate``;
+* a local checkpoint loader that passes ``weights_only=False`` to ``torch.load``: mmengine 0.10.7
+  calls ``torch.load`` with the default, which on torch >= 2.6 refuses the optimizer/scheduler/
+  message-hub state in the project's own checkpoints, so ``--resume`` would fail. Only load
+  checkpoints you trust (your own runs, torchvision's files), as with any pickle.
+
+Configs reach it with ``custom_imports = dict(imports=["detectors.engine"])``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+from mmengine.evaluator import BaseMetric
+from mmengine.logging import MMLogger
+from mmengine.model import BaseModel
+from mmengine.registry import DATASETS, FUNCTIONS, METRICS, MODELS
+from mmengine.runner.checkpoint import CheckpointLoader
+
+from .data import CocoDetection, Compose, RandomHorizontalFlip, Resize, detection_collate
+from .fileio import atomic_json
+from .shapes import ensure_shapes
+
+__all__ = ["DetectorModel", "CocoDetectionDataset", "CocoMetric", "coco_summary", "load_trusted_checkpoint"]
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def load_trusted_checkpoint(filename: str, map_location=None):
+    """``torch.load`` with ``weights_only=False`` for local files (the project's own checkpoints)."""
+    filename = os.path.expanduser(filename)
+    if not os.path.isfile(filename):
+        raise FileNotFoundError(f"checkpoint {filename!r} does not exist")
+    return torch.load(filename, map_location=map_location, weights_only=False)
+
+
+# '' is mmengine's prefix for local paths; force=True replaces its torch.load(...) default
+CheckpointLoader.register_scheme(prefixes="", loader=load_trusted_checkpoint, force=True)
+FUNCTIONS.register_module(name="detection_collate", module=detection_collate, force=True)
+
+
+# --------------------------------------------------------------------------- model
+
+
+@MODELS.register_module(force=True)
+class DetectorModel(BaseModel):
+    """mmengine ``BaseModel`` around a detector from :func:`detectors.build_detector`.
+
+    ``forward(inputs, data_samples, mode)``: ``inputs`` is a list of ``[3, H, W]`` float images in
+    [0, 1]; ``data_samples`` the list of target dicts from :mod:`detectors.data`.
+    ``mode="loss"`` returns the detector's loss dict (keys start with ``loss_``, which mmengine
+    sums); ``mode="predict"`` returns one dict per image with ``image_id``, ``boxes`` (xyxy, in
+    the original image's pixels), ``scores`` and ``labels``; ``mode="tensor"`` the raw outputs.
+
+    Args:
+        arch, num_classes, backbone, box_loss, box_loss_weight, nms, nms_beta, weights,
+        weights_backbone: passed to :func:`detectors.build_detector`.
+        data_preprocessor: mmengine preprocessor config (default: move tensors to the device).
+        **detector_kwargs: anything else for :func:`detectors.build_detector` / torchvision.
+    """
+
+    def __init__(self, arch: str, num_classes: int, *, data_preprocessor=None, **detector_kwargs):
+        super().__init__(data_preprocessor=data_preprocessor)
+        from . import build_detector
+
+        self.detector = build_detector(arch, num_classes=num_classes, **detector_kwargs)
+
+    def forward(self, inputs: Sequence[torch.Tensor], data_samples: Sequence[dict] | None = None, mode: str = "tensor"):
+        if mode == "loss":
+            if data_samples is None:
+                raise ValueError("mode='loss' needs data_samples with the targets")
+            targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in data_samples]
+            return self.detector(list(inputs), targets)
+        if mode == "predict":
+            outputs = self.detector(list(inputs))
+            results = []
+            for out, sample in zip(outputs, data_samples or [{}] * len(outputs)):
+                scale = float(sample.get("scale", 1.0))
+                results.append({
+                    "image_id": sample.get("image_id"),
+                    "boxes": (out["boxes"] / scale).detach().cpu(),
+                    "scores": out["scores"].detach().cpu(),
+                    "labels": out["labels"].detach().cpu(),
+                })
+            return results
+        if mode == "tensor":
+            return self.detector(list(inputs))
+        raise ValueError(f"mode must be 'loss', 'predict' or 'tensor', got {mode!r}")
+
+
+# --------------------------------------------------------------------------- data
+
+
+_TRANSFORMS = {"RandomHorizontalFlip": RandomHorizontalFlip, "Resize": Resize}
+
+
+def _build_transforms(cfgs: Sequence[dict] | None):
+    if not cfgs:
+        return None
+    out = []
+    for cfg in cfgs:
+        cfg = dict(cfg)
+        name = cfg.pop("type", None)
+        if name not in _TRANSFORMS:
+            raise ValueError(f"unknown transform type {name!r}; valid types: {', '.join(_TRANSFORMS)}")
+        out.append(_TRANSFORMS[name](**cfg))
+    return Compose(out)
+
+
+@DATASETS.register_module(force=True)
+class CocoDetectionDataset(CocoDetection):
+    """:class:`~detectors.data.CocoDetection` built from a config.
+
+    Args:
+        data_root: dataset root; ``ann_file`` and ``img_dir`` are relative to it.
+        ann_file: COCO instances JSON, e.g. ``annotations/instances_val2017.json``.
+        img_dir: image directory, e.g. ``val2017/``.
+        train: training split (drops crowd and tiny boxes, images without boxes).
+        transforms: list of transform configs, e.g. ``[dict(type="RandomHorizontalFlip", p=0.5)]``.
+        invalid_boxes: ``"error"`` or ``"drop"`` (see :func:`~detectors.data.validate_coco_annotations`).
+        generate_shapes: a dict of :func:`~detectors.shapes.make_shapes` options: generate the
+            built-in shapes dataset under ``data_root`` first if it is missing.
+    """
+
+    def __init__(self, data_root: str, ann_file: str, img_dir: str, *, train: bool = False, transforms=None,
+                 invalid_boxes: str = "error", generate_shapes: dict | None = None):
+        if generate_shapes is not None:
+            ensure_shapes(data_root, **generate_shapes)
+        super().__init__(os.path.join(data_root, ann_file), os.path.join(data_root, img_dir), train=train,
+                         transforms=_build_transforms(transforms), invalid_boxes=invalid_boxes)
+        self.metainfo = {"classes": self.classes}
+
+
+# --------------------------------------------------------------------------- metric
+
+COCO_STAT_NAMES = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l",
+                   "AR_1", "AR_10", "AR_100", "AR_s", "AR_m", "AR_l")
+
+
+def coco_summary(coco_gt, detections: list[dict], img_ids: Sequence[int] | None = None) -> tuple[np.ndarray, str]:
+    """Run pycocotools ``COCOeval`` (bbox); returns the 12 stats and the summary text it printed.
+
+    ``detections`` are COCO result dicts (``image_id``, ``category_id``, ``bbox`` xywh, ``score``).
+    With no detections pycocotools' ``loadRes([])`` raises; every stat is then 0 (nothing found).
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        if not detections:
+            return np.zeros(12), "no detections: every AP and AR is 0\n"
+        coco_dt = coco_gt.loadRes(detections)
+        ev = COCOeval(coco_gt, coco_dt, "bbox")
+        if img_ids is not None:
+            ev.params.imgIds = sorted(img_ids)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    text = buf.getvalue()
+    return np.asarray(ev.stats, dtype=np.float64), text[text.find(" Average Precision"):]
+
+
+@METRICS.register_module(force=True)
+class CocoMetric(BaseMetric):
+    """COCO box AP with pycocotools: AP, AP50, AP75, APs, APm, APl (and the ARs), keys ``coco/bbox_*``.
+
+    One result is kept per image (with its detections, possibly none), so the padding a
+    distributed sampler adds is dropped by mmengine's ``collect_results`` and every image counts
+    exactly once. Labels are mapped back to COCO category ids as :class:`CocoDetection` numbers
+    them (sorted category ids -> 1..C).
+
+    Args:
+        ann_file: the ground-truth COCO JSON of the evaluated split (relative to ``data_root``).
+        data_root: optional folder ``ann_file`` is relative to.
+        out_file: also write the detections there as a COCO results JSON (atomically).
+        collect_device, prefix: as mmengine's ``BaseMetric``.
+    """
+
+    default_prefix = "coco"
+
+    def __init__(self, ann_file: str, *, data_root: str | None = None, out_file: str | None = None,
+                 collect_device: str = "cpu", prefix: str | None = None):
+        super().__init__(collect_device=collect_device, prefix=prefix)
+        self.out_file = out_file
+        from pycocotools.coco import COCO
+
+        # the official ground truth as pycocotools reads it (no boxes dropped or changed)
+        path = os.path.join(data_root, ann_file) if data_root else ann_file
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"val_evaluator.ann_file {path!r} does not exist")
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.coco = COCO(path)
+        self.label_to_cat_id = {i + 1: c for i, c in enumerate(sorted(self.coco.getCatIds()))}
+
+    def process(self, data_batch, data_samples: Sequence[dict]) -> None:
+        for det in data_samples:
+            boxes = det["boxes"].float().numpy().reshape(-1, 4)
+            xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+            self.results.append({
+                "image_id": int(det["image_id"]),
+                "bboxes": xywh,
+                "scores": det["scores"].float().numpy(),
+                "labels": det["labels"].numpy(),
+            })
+
+    def compute_metrics(self, results: list) -> dict:
+        detections = []
+        for r in results:
+            for box, score, label in zip(r["bboxes"], r["scores"], r["labels"]):
+                detections.append({
+                    "image_id": r["image_id"],
+                    "category_id": self.label_to_cat_id[int(label)],
+                    "bbox": [float(v) for v in box],
+                    "score": float(score),
+                })
+        if self.out_file:
+            atomic_json(self.out_file, detections)
+        img_ids = sorted({r["image_id"] for r in results})
+        stats, text = coco_summary(self.coco, detections, img_ids)
+        MMLogger.get_current_instance().info(f"COCO bbox evaluation on {len(img_ids)} images:\n{text}")
+        return {f"bbox_{name}": float(v) for name, v in zip(COCO_STAT_NAMES, stats)}
+

@@ -1,0 +1,59 @@
+"""Evaluate a trained checkpoint on the config's test split (COCO box AP).
+
+    python tools/test.py configs/retinanet_r18_shapes.py work_dirs/retinanet_r18_shapes/epoch_12.pth
+    python tools/test.py CONFIG CKPT --out dets.json --nms diou     # also write the detections
+
+Prints pycocotools' summary and a Markdown row of AP figures.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import load_config, setup_cpu_distributed  # noqa: E402
+
+
+def main(argv=None):
+    from mmengine.config import DictAction
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="mmengine config file")
+    p.add_argument("checkpoint", help="checkpoint file (.pth)")
+    p.add_argument("--out", help="write the detections as a COCO results JSON")
+    p.add_argument("--nms", choices=("iou", "diou"), help="post-processing NMS (default: the config's)")
+    p.add_argument("--work-dir", help="where logs go (default: a test/ folder next to the checkpoint)")
+    p.add_argument("--data-root", help="dataset root (sets every dataloader and evaluator)")
+    p.add_argument("--cfg-options", nargs="+", action=DictAction, help="override config keys: k=v")
+    p.add_argument("--launcher", choices=("none", "pytorch", "slurm"), default="none", help="job launcher")
+    args = p.parse_args(argv)
+    if not os.path.isfile(args.checkpoint):
+        raise SystemExit(f"error: checkpoint {args.checkpoint!r} does not exist")
+    work_dir = args.work_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "test")
+    cfg = load_config(args.config, nms=args.nms, data_root=args.data_root, work_dir=work_dir,
+                      cfg_options=args.cfg_options)
+    cfg.launcher = args.launcher
+    cfg.load_from = args.checkpoint
+    cfg.resume = False
+    if args.out:
+        cfg.test_evaluator.out_file = args.out
+    setup_cpu_distributed(cfg, args.launcher)
+
+    from mmengine.runner import Runner
+
+    from eval_coco import MARKDOWN_HEADER, markdown_row
+
+    runner = Runner.from_cfg(cfg)
+    metrics = runner.test()
+    if runner.rank == 0:
+        keys = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")
+        stats = [metrics[f"coco/bbox_{k}"] for k in keys]
+        print(MARKDOWN_HEADER)
+        print(markdown_row(stats))
+        if args.out:
+            print(f"detections written to {args.out}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

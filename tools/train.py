@@ -1,0 +1,79 @@
+"""Train a detector with mmengine (MMDetection-style command line).
+
+    python tools/train.py configs/retinanet_r18_shapes.py --box-loss ciou
+    python tools/train.py configs/retinanet_r18_shapes.py --box-loss ciou --resume   # continue a killed run
+    torchrun --nproc_per_node 8 tools/train.py configs/retinanet_r50_fpn_1x_coco.py \
+        --box-loss ciou --data-root data/coco --launcher pytorch
+    srun -p PART -N 2 --ntasks-per-node 8 --gres gpu:8 python tools/train.py CONFIG --launcher slurm
+
+Writes checkpoints, the resolved config and logs to --work-dir (default work_dirs/CONFIG[_LOSS]).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import BOX_LOSSES, load_config, setup_cpu_distributed  # noqa: E402
+
+
+def parse_args(argv=None):
+    from mmengine.config import DictAction
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="mmengine config file")
+    p.add_argument("--box-loss", choices=BOX_LOSSES, help="box regression loss (default: the config's)")
+    p.add_argument("--nms", choices=("iou", "diou"), help="post-processing NMS (default: the config's)")
+    p.add_argument("--work-dir", help="where checkpoints and logs go")
+    p.add_argument("--data-root", help="dataset root, e.g. data/coco (sets every dataloader and evaluator)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="resume from the last checkpoint in the work dir, or from the given checkpoint")
+    p.add_argument("--amp", action="store_true", help="mixed precision (needs CUDA)")
+    p.add_argument("--cfg-options", nargs="+", action=DictAction, help="override config keys: k=v k2.sub=v2")
+    p.add_argument("--launcher", choices=("none", "pytorch", "slurm"), default="none", help="job launcher")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+
+    if args.amp and not torch.cuda.is_available():
+        raise SystemExit("error: --amp needs a CUDA device, and torch.cuda.is_available() is False here; "
+                         "train without --amp on the CPU")
+    os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    cfg = load_config(args.config, box_loss=args.box_loss, nms=args.nms, data_root=args.data_root,
+                      work_dir=args.work_dir, cfg_options=args.cfg_options)
+    cfg.launcher = args.launcher
+    if args.amp:
+        cfg.optim_wrapper.type = "AmpOptimWrapper"
+        cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
+    if args.resume == "auto":
+        cfg.resume, cfg.load_from = True, None
+    elif args.resume is not None:
+        cfg.resume, cfg.load_from = True, args.resume
+    setup_cpu_distributed(cfg, args.launcher)
+
+    from mmengine.runner import Runner
+
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    metrics = {k[len("val/"):] if k.startswith("val/") else k: v for k, v in _last_val_metrics(runner).items()}
+    if metrics and runner.rank == 0:
+        print(f"final validation ({cfg.model.box_loss}): " + json.dumps(metrics))
+        print(f"work dir: {os.path.abspath(cfg.work_dir)}  (plots: python tools/plot_curves.py {cfg.work_dir})")
+
+
+def _last_val_metrics(runner) -> dict:
+    hub = runner.message_hub
+    out = {}
+    for key, buf in hub.log_scalars.items():
+        if "coco/bbox_" in key:
+            out[key] = round(float(buf.current()), 4)
+    return out
+
+
+if __name__ == "__main__":
+    main()
