@@ -2,7 +2,7 @@
 model = dict(
     type="DetectorModel",
     arch="faster_rcnn",
-    num_classes=80,
+    num_classes=81,  # 80 COCO categories as labels 1..80, 0 = background
     backbone="resnet50",
     box_loss="default",
     box_loss_weight=None,

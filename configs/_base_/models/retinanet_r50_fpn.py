@@ -2,7 +2,7 @@
 model = dict(
     type="DetectorModel",
     arch="retinanet",
-    num_classes=80,
+    num_classes=81,  # 80 COCO categories as labels 1..80, 0 = background
     backbone="resnet50",
     box_loss="default",  # default | l1 | l2 | smooth_l1 | iou | giou | diou | ciou
     box_loss_weight=None,  # None: the documented default for this loss and head

@@ -1,0 +1,106 @@
+"""tools/train.py end to end on tiny shapes data: a SIGKILLed run resumes to the same result."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TRAIN = os.path.join(ROOT, "tools", "train.py")
+
+
+def tiny_config(tmp_path, data_root, *, epochs=3) -> str:
+    """A RetinaNet-R18 shapes config shrunk to seconds per epoch; no random flip, so runs are repeatable."""
+    text = f"""
+_base_ = [{os.path.join(ROOT, "configs", "retinanet_r18_shapes.py")!r}]
+shapes = dict(num_train=16, num_val=4, image_size=64, seed=5)
+train_dataloader = dict(batch_size=4, dataset=dict(data_root={data_root!r}, generate_shapes=shapes, transforms=[]))
+val_dataloader = dict(batch_size=4, dataset=dict(data_root={data_root!r}, generate_shapes=shapes))
+test_dataloader = val_dataloader
+val_evaluator = dict(data_root={data_root!r})
+test_evaluator = val_evaluator
+model = dict(min_size=64, max_size=64, trainable_backbone_layers=2)
+train_cfg = dict(max_epochs={epochs}, val_interval={epochs})
+param_scheduler = [
+    dict(type="LinearLR", start_factor=0.1, by_epoch=False, begin=0, end=4),
+    dict(type="MultiStepLR", begin=0, end={epochs}, by_epoch=True, milestones=[2], gamma=0.1),
+]
+default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=1, max_keep_ckpts=5))
+"""
+    path = tmp_path / "tiny.py"
+    path.write_text(text)
+    return str(path)
+
+
+def _env():
+    return {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+
+
+def _run(args, **kwargs):
+    return subprocess.run([sys.executable, TRAIN, *args], env=_env(), capture_output=True, text=True, **kwargs)
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_killed_run_resumes_to_the_same_state(tmp_path):
+    data_root = str(tmp_path / "shapes")
+    cfg = tiny_config(tmp_path, data_root)
+    full = _run([cfg, "--box-loss", "ciou", "--work-dir", str(tmp_path / "full")], timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert "final validation (ciou)" in full.stdout
+
+    work = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, TRAIN, cfg, "--box-loss", "ciou", "--work-dir", str(work)],
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = work / "last_checkpoint"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if marker.exists() and "epoch_1.pth" in marker.read_text():
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (work / "epoch_3.pth").exists()
+
+    resumed = _run([cfg, "--box-loss", "ciou", "--work-dir", str(work), "--resume"], timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed epoch: " in resumed.stdout + resumed.stderr
+
+    a, b = _load(tmp_path / "full" / "epoch_3.pth"), _load(work / "epoch_3.pth")
+    assert a["meta"]["epoch"] == b["meta"]["epoch"] == 3
+    assert a["meta"]["iter"] == b["meta"]["iter"] == 12  # 3 epochs x 4 iterations
+    # the scheduler's step count and learning rate, and the optimizer's momentum, were restored
+    steps = [(s["last_step"], s["_global_step"], s["_last_value"]) for s in a["param_schedulers"]]
+    assert steps == [(s["last_step"], s["_global_step"], s["_last_value"]) for s in b["param_schedulers"]]
+    assert a["param_schedulers"][0]["_global_step"] == 12
+    assert a["optimizer"]["param_groups"][0]["lr"] == pytest.approx(b["optimizer"]["param_groups"][0]["lr"])
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    momenta_a = [s["momentum_buffer"] for s in a["optimizer"]["state"].values()]
+    momenta_b = [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
+    for x, y in zip(momenta_a, momenta_b):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5)
+
+
+def test_train_errors(tmp_path):
+    out = _run([str(tmp_path / "nope.py")])
+    assert out.returncode != 0 and "config file" in out.stderr and "nope.py" in out.stderr
+    if not torch.cuda.is_available():
+        out = _run([os.path.join(ROOT, "configs", "retinanet_r18_shapes.py"), "--amp"])
+        assert out.returncode != 0 and "--amp needs a CUDA device" in out.stderr
+    out = _run([os.path.join(ROOT, "configs", "retinanet_r18_shapes.py"), "--box-loss", "ciuo"])
+    assert out.returncode != 0 and "invalid choice: 'ciuo'" in out.stderr
+    bad = tmp_path / "bad.py"
+    bad.write_text(f"_base_ = [{os.path.join(ROOT, 'configs', 'retinanet_r18_shapes.py')!r}]\n"
+                   f"model = dict(box_loss='huber')\n"
+                   f"train_dataloader = dict(dataset=dict(data_root={str(tmp_path / 'd')!r}, "
+                   f"generate_shapes=dict(num_train=2, num_val=1, image_size=64)))\n")
+    out = _run([str(bad), "--work-dir", str(tmp_path / "w")])
+    assert out.returncode != 0 and "box_loss" in out.stderr and "'huber'" in out.stderr
