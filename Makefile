@@ -1,6 +1,6 @@
 # boxloss: two commands for a fresh machine.
 #   make test   create .venv if needed, install the project with its test extra, run pytest
-#   make demo   (arrives with the training issue)
+#   make demo   generate the shapes data, train RetinaNet-R18 with the CIoU loss on the CPU, evaluate, plot
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -12,7 +12,7 @@ TORCH_PINS := "torch==2.14.1" "torchvision==0.29.1"
 # (data-loader workers, multi-process tests) makes every op crawl. PASSIVE removes that cliff.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: venv test test-slow clean
+.PHONY: venv test test-slow demo clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,14 @@ test: venv
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow
+
+DEMO_DIR := work_dirs/demo_retinanet_r18_shapes_ciou
+demo: venv
+	$(PY) tools/make_shapes.py --out data/shapes --if-missing
+	rm -rf $(DEMO_DIR)
+	$(PY) tools/train.py configs/retinanet_r18_shapes.py --box-loss ciou --work-dir $(DEMO_DIR)
+	$(PY) tools/plot_curves.py $(DEMO_DIR)
+	@echo "checkpoints, logs and curves.png are in $(DEMO_DIR)"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

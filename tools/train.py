@@ -10,7 +10,6 @@ Writes checkpoints, the resolved config and logs to --work-dir (default work_dir
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -60,19 +59,24 @@ def main(argv=None):
 
     runner = Runner.from_cfg(cfg)
     runner.train()
-    metrics = {k[len("val/"):] if k.startswith("val/") else k: v for k, v in _last_val_metrics(runner).items()}
-    if metrics and runner.rank == 0:
-        print(f"final validation ({cfg.model.box_loss}): " + json.dumps(metrics))
+    if runner.rank == 0:
+        stats = _last_val_stats(runner)
+        if stats:
+            from eval_coco import MARKDOWN_HEADER, markdown_row
+
+            print(f"final validation, COCO box AP (%), box loss {cfg.model.box_loss}, nms {cfg.model.nms}:")
+            print(MARKDOWN_HEADER)
+            print(markdown_row(stats))
         print(f"work dir: {os.path.abspath(cfg.work_dir)}  (plots: python tools/plot_curves.py {cfg.work_dir})")
 
 
-def _last_val_metrics(runner) -> dict:
-    hub = runner.message_hub
-    out = {}
-    for key, buf in hub.log_scalars.items():
-        if "coco/bbox_" in key:
-            out[key] = round(float(buf.current()), 4)
-    return out
+def _last_val_stats(runner) -> list[float] | None:
+    """AP, AP50, AP75, APs, APm, APl of the last validation, from mmengine's message hub."""
+    scalars = runner.message_hub.log_scalars
+    keys = [f"val/coco/bbox_{k}" for k in ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")]
+    if not all(k in scalars for k in keys):
+        return None
+    return [float(scalars[k].current()) for k in keys]
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ def test_killed_run_resumes_to_the_same_state(tmp_path):
     cfg = tiny_config(tmp_path, data_root)
     full = _run([cfg, "--box-loss", "ciou", "--work-dir", str(tmp_path / "full")], timeout=600)
     assert full.returncode == 0, full.stderr[-3000:]
-    assert "final validation (ciou)" in full.stdout
+    assert "final validation, COCO box AP (%), box loss ciou, nms iou:" in full.stdout
+    assert "| AP | AP50 | AP75 | APs | APm | APl |" in full.stdout
 
     work = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, TRAIN, cfg, "--box-loss", "ciou", "--work-dir", str(work)],
