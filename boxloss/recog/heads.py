@@ -78,7 +78,7 @@ def cosface_logits(cosine: Tensor, labels: Tensor, *, s: float = 64.0, m: float 
         arXiv:1801.09414, Eq. 4.
     """
     _check_cosine_labels(cosine, labels)
-    cosine = cosine.clamp(-1.0, 1.0)
+    cosine = _upcast(cosine).clamp(-1.0, 1.0)  # half precision computed in float32
     return s * _replace_target(cosine, labels, _target(cosine, labels) - m)
 
 
@@ -108,7 +108,7 @@ def arcface_logits(
         Recognition", arXiv:1801.07698, Eq. 3.
     """
     _check_cosine_labels(cosine, labels)
-    cosine = cosine.clamp(-1.0, 1.0)
+    cosine = _upcast(cosine).clamp(-1.0, 1.0)  # half precision computed in float32
     cos_t = _target(cosine, labels)
     phi = _cos_plus(cos_t, m)
     if easy_margin:
@@ -142,7 +142,7 @@ def combined_margin_logits(
         Deng et al., "ArcFace", arXiv:1801.07698, Eq. 4 (combined margin).
     """
     _check_cosine_labels(cosine, labels)
-    cosine = cosine.clamp(-1.0, 1.0)
+    cosine = _upcast(cosine).clamp(-1.0, 1.0)  # half precision computed in float32
     cos_t = _target(cosine, labels)
     if m1 == 1.0:
         # Same closed form as ArcFace: no acos, and (1, 0, m3) is exactly cos θ − m3.
@@ -185,7 +185,7 @@ def angular_margin_psi(cosine: Tensor, m: int) -> Tensor:
         arXiv:1612.02295, Eq. 6; Liu et al., "SphereFace", arXiv:1704.08063, Eq. 7.
     """
     _check_int_margin(m)
-    c = cosine.clamp(-1.0, 1.0)
+    c = _upcast(cosine).clamp(-1.0, 1.0)
     with torch.no_grad():
         k = torch.floor(m * torch.acos(c) / math.pi).clamp(0, m - 1)
     sign = 1.0 - 2.0 * torch.remainder(k, 2)  # (−1)^k

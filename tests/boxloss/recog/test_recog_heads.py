@@ -302,3 +302,13 @@ def test_recog_imports_torch_only():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_functional_margins_compute_half_inputs_in_float32():
+    cos = torch.tensor([[0.3, -0.2], [0.9, 0.1]])
+    y = torch.tensor([0, 1])
+    for fn in (arcface_logits, cosface_logits, combined_margin_logits):
+        out = fn(cos.half(), y, s=2.0)
+        assert out.dtype == torch.float32
+        assert torch.allclose(out, fn(cos.half().float(), y, s=2.0))
+    assert angular_margin_psi(cos.bfloat16(), 2).dtype == torch.float32
