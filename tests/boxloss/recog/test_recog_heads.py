@@ -312,3 +312,24 @@ def test_functional_margins_compute_half_inputs_in_float32():
         assert out.dtype == torch.float32
         assert torch.allclose(out, fn(cos.half().float(), y, s=2.0))
     assert angular_margin_psi(cos.bfloat16(), 2).dtype == torch.float32
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", list(HEADS))
+def test_cuda_autocast_matches_cpu(name):
+    torch.manual_seed(9)
+    head = HEADS[name](8, 5).eval()
+    x, y = _batch(n=6, d=8, c=5)
+    ref = head.logits(x, y)
+    head_cuda = head.cuda()
+    xc = x.cuda().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.float16):
+        logits = head_cuda.logits(xc.half(), y.cuda())
+        loss = head_cuda(xc.half(), y.cuda())
+    loss.backward()
+    assert logits.dtype == torch.float32 and head_cuda.weight.dtype == torch.float32
+    assert torch.isfinite(xc.grad).all()
+    # the only half-precision step is the embedding itself
+    assert torch.allclose(logits.cpu(), head.cpu().logits(x.half().float(), y), rtol=1e-4, atol=1e-4)
+    assert torch.allclose(ref, head.logits(x, y))
