@@ -22,7 +22,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .boxes import _check_box_tensor, _check_eps, _iou_family, _upcast
+from ._kernels import iou_family_loss
+from .boxes import _check_box_tensor, _check_eps, _upcast
 
 __all__ = [
     "l1_loss",
@@ -156,11 +157,6 @@ def _reduce_coords(loss: Tensor, weight, reduction, avg_factor) -> Tensor:
 # --------------------------------------------------------------------------- IoU family
 
 
-def _iou_loss_value(pred, target, kind, eps, ciou_alpha="standard"):
-    metric, _ = _iou_family(pred, target, kind, eps, pairwise=False, ciou_alpha=ciou_alpha)
-    return 1 - metric
-
-
 def iou_loss(pred, target, *, weight=None, reduction="mean", avg_factor=None, eps=1e-7, mode="linear"):
     """IoU loss of matched xyxy boxes, with IoU = intersection / (union + eps).
 
@@ -174,8 +170,7 @@ def iou_loss(pred, target, *, weight=None, reduction="mean", avg_factor=None, ep
     if mode not in ("linear", "log"):
         raise ValueError(f"mode must be 'linear' or 'log', got {mode!r}")
     pred, target, weight = _prepare(pred, target, weight, reduction, eps)
-    iou, _ = _iou_family(pred, target, "iou", eps, pairwise=False)
-    loss = 1 - iou if mode == "linear" else -torch.log(iou + eps)
+    loss = iou_family_loss(pred, target, "iou", eps, mode=mode)
     return _reduce(loss, weight, reduction, avg_factor)
 
 
@@ -187,7 +182,7 @@ def giou_loss(pred, target, *, weight=None, reduction="mean", avg_factor=None, e
     Reference: Rezatofighi et al., "Generalized Intersection over Union", CVPR 2019, arXiv:1902.09630.
     """
     pred, target, weight = _prepare(pred, target, weight, reduction, eps)
-    return _reduce(_iou_loss_value(pred, target, "giou", eps), weight, reduction, avg_factor)
+    return _reduce(iou_family_loss(pred, target, "giou", eps), weight, reduction, avg_factor)
 
 
 def diou_loss(pred, target, *, weight=None, reduction="mean", avg_factor=None, eps=1e-7):
@@ -200,7 +195,7 @@ def diou_loss(pred, target, *, weight=None, reduction="mean", avg_factor=None, e
     Regression", AAAI 2020, arXiv:1911.08287.
     """
     pred, target, weight = _prepare(pred, target, weight, reduction, eps)
-    return _reduce(_iou_loss_value(pred, target, "diou", eps), weight, reduction, avg_factor)
+    return _reduce(iou_family_loss(pred, target, "diou", eps), weight, reduction, avg_factor)
 
 
 _CIOU_GRADS = ("exact", "paper")
@@ -243,35 +238,8 @@ def ciou_loss(
     if alpha not in _CIOU_ALPHAS:
         raise ValueError(f"alpha must be one of {_CIOU_ALPHAS}, got {alpha!r}")
     pred, target, weight = _prepare(pred, target, weight, reduction, eps)
-    loss = _iou_loss_value(pred, target, "ciou", eps, ciou_alpha=alpha)
-    if ciou_grad == "paper":
-        loss = loss + _ciou_paper_grad_correction(pred, target, eps, alpha)
+    loss = iou_family_loss(pred, target, "ciou", eps, ciou_grad=ciou_grad, alpha=alpha)
     return _reduce(loss, weight, reduction, avg_factor)
-
-
-def _ciou_paper_grad_correction(pred: Tensor, target: Tensor, eps: float, alpha_mode: str) -> Tensor:
-    """A zero-valued term whose gradient turns alpha * dv/d(w, h) into the paper's version.
-
-    With delta = atan(w_g/h_g) - atan(w/h): exact dv/dw = -8/pi^2 delta h / (w^2 + h^2); the paper
-    uses -8/pi^2 delta h (and +8/pi^2 delta w for h), i.e. multiplies by (w^2 + h^2). The term
-    added is alpha * (v_paper_surrogate - v) minus its own value, so only gradients change.
-    """
-    from .boxes import _aspect_v  # local: keeps the public import list short
-
-    w1, h1 = (pred[..., 2] - pred[..., 0]).clamp(min=0), (pred[..., 3] - pred[..., 1]).clamp(min=0)
-    w2, h2 = (target[..., 2] - target[..., 0]).clamp(min=0), (target[..., 3] - target[..., 1]).clamp(min=0)
-    v = _aspect_v(w1, h1, w2, h2, eps)
-    with torch.no_grad():
-        iou, _ = _iou_family(pred, target, "iou", eps, pairwise=False)
-        alpha = v / (1 - iou + v + eps)
-        if alpha_mode == "gated":
-            alpha = alpha * (iou > 0.5).to(alpha.dtype)
-        delta = torch.atan(w2 / (h2 + eps)) - torch.atan(w1 / (h1 + eps))
-        k = (8 / math.pi**2) * delta
-    # gradient of s: ds/dw1 = -k h1, ds/dh1 = +k w1, ds/dw2 = +k h2, ds/dh2 = -k w2
-    s = k * (w1.detach() * h1 - h1.detach() * w1 + h2.detach() * w2 - w2.detach() * h2)
-    surrogate = s - v  # its gradient replaces v's; subtract the value so the loss is unchanged
-    return alpha * (surrogate - surrogate.detach())
 
 
 # --------------------------------------------------------------------------- modules and names

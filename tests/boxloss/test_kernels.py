@@ -1,0 +1,324 @@
+"""The analytic-gradient kernels of the IoU-family losses against the plain-autograd reference.
+
+The reference is ``boxloss.boxes._iou_family`` differentiated by autograd (plus, for
+``ciou_grad="paper"``, the zero-valued surrogate term the losses used before the kernels: its
+gradient is the authors' alpha * dv without the 1 / (w^2 + h^2) factor). Values and both gradients
+must agree to 1e-6 (float32) / 1e-10 (float64) relative to their scale, on random pairs of every
+kind (general, disjoint, contained, identical, touching) and on degenerate boxes.
+"""
+
+import math
+
+import pytest
+import torch
+import torchvision.ops as tv
+
+import boxloss
+from boxloss import _kernels
+from boxloss.boxes import _aspect_v, _iou_family
+from box_cases import box_pairs, degenerate_pairs
+
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))
+DEVICES = ["cpu", CUDA]
+TOL = {torch.float32: 1e-6, torch.float64: 1e-10}
+
+# (kind, options) covering every option of the four losses
+VARIANTS = [
+    ("iou", {}),
+    ("iou", {"mode": "log"}),
+    ("giou", {}),
+    ("diou", {}),
+    ("ciou", {}),
+    ("ciou", {"ciou_grad": "paper"}),
+    ("ciou", {"alpha": "gated"}),
+    ("ciou", {"ciou_grad": "paper", "alpha": "gated"}),
+]
+VARIANT_IDS = [k + "".join(f"-{v}" for v in o.values()) for k, o in VARIANTS]
+PUBLIC = {"iou": boxloss.iou_loss, "giou": boxloss.giou_loss, "diou": boxloss.diou_loss, "ciou": boxloss.ciou_loss}
+
+
+def reference_loss(pred, target, kind, eps=1e-7, mode="linear", ciou_grad="exact", alpha="standard"):
+    """Per-pair loss by plain autograd: the formulation the kernels must reproduce."""
+    metric, iou = _iou_family(pred, target, kind, eps, pairwise=False, ciou_alpha=alpha)
+    if kind == "iou" and mode == "log":
+        return -torch.log(iou + eps)
+    loss = 1 - metric
+    if kind == "ciou" and ciou_grad == "paper":
+        # zero-valued term whose gradient turns alpha * dv/d(w, h) into the paper's version:
+        # ds/dw1 = -k h1, ds/dh1 = +k w1, ds/dw2 = +k h2, ds/dh2 = -k w2, k = 8/pi^2 delta
+        w1, h1 = (pred[..., 2] - pred[..., 0]).clamp(min=0), (pred[..., 3] - pred[..., 1]).clamp(min=0)
+        w2, h2 = (target[..., 2] - target[..., 0]).clamp(min=0), (target[..., 3] - target[..., 1]).clamp(min=0)
+        v = _aspect_v(w1, h1, w2, h2, eps)
+        with torch.no_grad():
+            a = v / (1 - iou + v + eps)
+            if alpha == "gated":
+                a = a * (iou > 0.5).to(a.dtype)
+            k = (8 / math.pi**2) * (torch.atan(w2 / (h2 + eps)) - torch.atan(w1 / (h1 + eps)))
+        s = k * (w1.detach() * h1 - h1.detach() * w1 + h2.detach() * w2 - w2.detach() * h2)
+        surrogate = s - v
+        loss = loss + a * (surrogate - surrogate.detach())
+    return loss
+
+
+def kernel_loss(pred, target, kind, **options):
+    """The public loss (which runs on the kernel), unreduced."""
+    return PUBLIC[kind](pred, target, reduction="none", **options)
+
+
+def small_chunks(pred, target, kind, eps=1e-7, **options):
+    """The kernel called directly with 7-pair chunks: many chunks and an overlapping last one."""
+    return _kernels.iou_family_loss(pred, target, kind, eps, chunk=7, **options)
+
+
+IMPLEMENTATIONS = {"reference": reference_loss, "kernel": kernel_loss, "kernel-chunk7": small_chunks}
+
+
+def value_and_grads(fn, pred, target, grad_out=None, **kw):
+    p = pred.detach().clone().requires_grad_()
+    t = target.detach().clone().requires_grad_()
+    loss = fn(p, t, **kw)
+    if grad_out is None:
+        grad_out = torch.rand(loss.shape, generator=torch.Generator().manual_seed(0), dtype=loss.dtype) + 0.5
+    gp, gt = torch.autograd.grad(loss, (p, t), grad_out.to(loss.device))
+    return loss.detach(), gp, gt
+
+
+def assert_close_scaled(actual, expected, tol):
+    """|actual - expected| <= tol * max|expected| (+ tol * |expected|): relative to the tensor's scale.
+
+    Gradients of identical boxes are differences of O(1/w) terms that cancel to O(eps): both sides
+    are rounding noise there, so an elementwise relative test would compare noise with noise.
+    """
+    scale = expected.abs().max().clamp(min=torch.finfo(expected.dtype).tiny)
+    torch.testing.assert_close(actual / scale, expected / scale, rtol=tol, atol=tol)
+
+
+# ---------------------------------------------------------------- parity with the reference
+
+
+@pytest.mark.parametrize("impl", ["kernel", "kernel-chunk7"])
+@pytest.mark.parametrize("kind,options", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("device", DEVICES)
+def test_parity_random_pairs(impl, kind, options, dtype, device):
+    pred, target = box_pairs(2000, seed=21, dtype=dtype)
+    pred, target = pred.to(device), target.to(device)
+    got = value_and_grads(IMPLEMENTATIONS[impl], pred, target, kind=kind, **options)
+    want = value_and_grads(reference_loss, pred, target, kind=kind, **options)
+    torch.testing.assert_close(got[0], want[0], rtol=TOL[dtype], atol=TOL[dtype])
+    for name, a, b in zip(("d/dpred", "d/dtarget"), got[1:], want[1:]):
+        assert torch.isfinite(a).all(), name
+        assert_close_scaled(a, b, TOL[dtype])
+
+
+@pytest.mark.parametrize("kind,options", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("device", DEVICES)
+def test_parity_degenerate_boxes(kind, options, dtype, device):
+    """Zero width/height, inverted sides, points: finite, and the reference's values and gradients."""
+    pred, target = degenerate_pairs(dtype)
+    pred, target = pred.to(device), target.to(device)
+    for impl in ("kernel", "kernel-chunk7"):
+        got = value_and_grads(IMPLEMENTATIONS[impl], pred, target, kind=kind, **options)
+        want = value_and_grads(reference_loss, pred, target, kind=kind, **options)
+        assert all(torch.isfinite(x).all() for x in got), got
+        torch.testing.assert_close(got[0], want[0], rtol=TOL[dtype], atol=TOL[dtype])
+        for a, b in zip(got[1:], want[1:]):
+            assert_close_scaled(a, b, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_parity_per_pair(dtype):
+    """Each pair against its own scale, so no case can hide behind another's larger gradients.
+
+    The scale of a pair is its largest reference gradient component, or 1 / (its smallest side)
+    where that is larger: the size of the terms that cancel for identical boxes (whose exact
+    gradient is O(eps), so both implementations return rounding noise of that size there).
+    """
+    pred, target = box_pairs(1000, seed=4, dtype=dtype)
+    sides = torch.cat([pred[:, 2:] - pred[:, :2], target[:, 2:] - target[:, :2]], 1)
+    term = 1 / sides.min(1).values
+    tol = TOL[dtype]
+    for kind, options in VARIANTS:
+        got = value_and_grads(kernel_loss, pred, target, kind=kind, **options)
+        want = value_and_grads(reference_loss, pred, target, kind=kind, **options)
+        scale = torch.maximum(torch.cat(want[1:], 1).abs().amax(1), term)[:, None]
+        for a, b in zip(got[1:], want[1:]):
+            err = ((a - b).abs() / scale).max().item()
+            assert err <= tol, (kind, options, err)
+
+
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize("kind", ["giou", "diou", "ciou"])
+def test_matches_torchvision(impl, kind):
+    """The reference and the kernels against torchvision.ops (values and gradients, float32)."""
+    peer = {"giou": tv.generalized_box_iou_loss, "diou": tv.distance_box_iou_loss, "ciou": tv.complete_box_iou_loss}
+    pred, target = box_pairs(3000, seed=8)
+    got = value_and_grads(IMPLEMENTATIONS[impl], pred, target, kind=kind)
+    want = value_and_grads(lambda p, t, kind: peer[kind](p, t, reduction="none"), pred, target, kind=kind)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+    for a, b in zip(got[1:], want[1:]):
+        assert_close_scaled(a, b, 1e-6)
+
+
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+def test_hand_worked_gradient(impl):
+    """IoU loss of [0,0,2,2] vs [1,1,3,3] (I = 1, U = 7, eps negligible), derivatives by hand.
+
+    pred x2 (owns the intersection's right edge, ih = 1, h = 2): I +d, U +2d-d: dIoU = (7-1)/49.
+    pred x1 (outside the intersection): area -2d: dIoU = (0 + 2)/49.
+    target x1 (owns the intersection's left edge): I -d, U -2d+d: dIoU = (-7 + 1)/49.
+    target x2 (outside the intersection): area +2d: dIoU = -2/49. Same in y; the loss is 1 - IoU.
+    """
+    p = torch.tensor([[0.0, 0.0, 2.0, 2.0]], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([[1.0, 1.0, 3.0, 3.0]], dtype=torch.float64, requires_grad=True)
+    loss = IMPLEMENTATIONS[impl](p, t, kind="iou", eps=1e-300)
+    torch.testing.assert_close(loss, torch.tensor([6 / 7], dtype=torch.float64))
+    gp, gt = torch.autograd.grad(loss.sum(), (p, t))
+    torch.testing.assert_close(gp[0], -torch.tensor([2, 2, 6, 6], dtype=torch.float64) / 49)
+    torch.testing.assert_close(gt[0], -torch.tensor([-6, -6, -2, -2], dtype=torch.float64) / 49)
+
+
+# ---------------------------------------------------------------- how the kernel is called
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("kind", list(PUBLIC))
+def test_reductions_weights_and_grad_outputs(kind, reduction):
+    """'sum' hands backward a stride-0 gradient, 'mean' a materialised one, 'none' a random one."""
+    pred, target = box_pairs(500, seed=12, dtype=torch.float64)
+    weight = torch.rand(500, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for w in (None, weight):
+        for avg_factor in ((None, 37.0) if reduction == "mean" else (None,)):
+            kw = dict(weight=w, reduction=reduction, avg_factor=avg_factor)
+            got = value_and_grads(lambda p, t, kind: PUBLIC[kind](p, t, **kw), pred, target,
+                                  grad_out=torch.ones(()) if reduction != "none" else None, kind=kind)
+
+            def ref(p, t, kind):
+                loss = reference_loss(p, t, kind)
+                loss = loss * w if w is not None else loss
+                if reduction == "none":
+                    return loss
+                if reduction == "sum":
+                    return loss.sum()
+                return loss.sum() / avg_factor if avg_factor else loss.mean()
+
+            want = value_and_grads(ref, pred, target, grad_out=got[0].new_ones(()) if reduction != "none" else None,
+                                   kind=kind)
+            torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
+            for a, b in zip(got[1:], want[1:]):
+                assert_close_scaled(a, b, 1e-10)
+
+
+def test_batch_shapes_and_non_contiguous_inputs():
+    pred, target = box_pairs(60, seed=13, dtype=torch.float64)
+    # [2, 5, 6, 4] batch, and columns taken from a wider tensor (row stride 8)
+    wide = torch.cat([pred, torch.zeros(60, 4, dtype=torch.float64)], 1)[:, :4]
+    assert not wide.is_contiguous()
+    for p, t in ((pred.view(2, 5, 6, 4), target.view(2, 5, 6, 4)), (wide, target)):
+        got = value_and_grads(kernel_loss, p, t, kind="ciou")
+        want = value_and_grads(reference_loss, p, t, kind="ciou")
+        assert got[0].shape == p.shape[:-1] and got[1].shape == p.shape
+        torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
+        for a, b in zip(got[1:], want[1:]):
+            assert_close_scaled(a, b, 1e-10)
+    # a single box [4] gives a scalar loss
+    loss = kernel_loss(pred[0].requires_grad_(), target[0], kind="giou")
+    assert loss.shape == ()
+    torch.testing.assert_close(loss, reference_loss(pred[0], target[0], "giou"))
+
+
+@pytest.mark.parametrize("kind", list(PUBLIC))
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_input(kind, device):
+    pred = torch.zeros(0, 4, device=device, requires_grad=True)
+    target = torch.zeros(0, 4, device=device, requires_grad=True)
+    loss = _kernels.iou_family_loss(pred, target, kind)
+    assert loss.shape == (0,)
+    gp, gt = torch.autograd.grad(loss.sum(), (pred, target))
+    assert gp.shape == (0, 4) and gt.shape == (0, 4)
+    mean = PUBLIC[kind](pred, target)  # "mean" of nothing is 0 and keeps the graph
+    assert mean.item() == 0.0 and mean.requires_grad
+    mean.backward()
+    assert pred.grad.shape == (0, 4)
+
+
+def test_only_pred_requires_grad_and_no_grad_mode():
+    pred, target = box_pairs(300, seed=14, dtype=torch.float64)
+    for kind, options in VARIANTS:
+        p = pred.clone().requires_grad_()
+        loss = kernel_loss(p, target, kind=kind, **options)
+        (gp,) = torch.autograd.grad(loss.sum(), p)
+        p2, t2 = pred.clone().requires_grad_(), target.clone().requires_grad_()
+        ref = reference_loss(p2, t2, kind, **options)
+        (gp_ref,) = torch.autograd.grad(ref.sum(), p2)
+        assert_close_scaled(gp, gp_ref, 1e-10)
+        with torch.no_grad():
+            value = kernel_loss(pred.requires_grad_(), target, kind=kind, **options)
+        pred.requires_grad_(False)
+        assert not value.requires_grad
+        torch.testing.assert_close(value, ref.detach(), rtol=1e-10, atol=1e-10)
+
+
+def test_results_do_not_depend_on_the_chunk_size():
+    """Elementwise ops in the same order per pair: bit-identical whatever the chunking."""
+    pred, target = box_pairs(1000, seed=15)
+    base = value_and_grads(lambda p, t: _kernels.iou_family_loss(p, t, "ciou"), pred, target)
+    for chunk in (1, 7, 128, 999, 4096):
+        got = value_and_grads(lambda p, t: _kernels.iou_family_loss(p, t, "ciou", chunk=chunk), pred, target)
+        for a, b in zip(got, base):
+            assert torch.equal(a, b), chunk
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_runs_in_float32(dtype):
+    pred, target = box_pairs(200, seed=16)
+    p = pred.to(dtype).requires_grad_()
+    loss = boxloss.ciou_loss(p, target.to(dtype), reduction="sum")
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert p.grad.dtype == dtype
+    want = value_and_grads(reference_loss, pred.to(dtype).float(), target.to(dtype).float(), kind="ciou",
+                           grad_out=torch.ones(200))
+    torch.testing.assert_close(loss, want[0].sum(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(p.grad.float(), want[1].to(dtype).float(), rtol=0.02, atol=1e-3)
+
+
+def test_not_twice_differentiable():
+    """The gradient is closed-form, not traced: double backward must fail loudly, not silently."""
+    pred, target = box_pairs(10, seed=17, dtype=torch.float64)
+    p = pred.requires_grad_()
+    w = torch.rand(10, dtype=torch.float64, requires_grad=True)  # gives the incoming gradient a history
+    (g,) = torch.autograd.grad(boxloss.giou_loss(p, target, weight=w), p, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()
+
+
+# ---------------------------------------------------------------- memory kept for backward
+
+
+def saved_bytes(fn, pred, target) -> int:
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(pred, target)
+    return total
+
+
+@pytest.mark.parametrize("kind", ["giou", "diou", "ciou"])
+def test_saved_for_backward_is_at_most_a_quarter_of_torchvision(kind):
+    peer = {"giou": tv.generalized_box_iou_loss, "diou": tv.distance_box_iou_loss, "ciou": tv.complete_box_iou_loss}
+    n = 4096
+    pred, target = box_pairs(n, seed=18)
+    p, t = pred.requires_grad_(), target.requires_grad_()
+    ours = saved_bytes(lambda a, b: PUBLIC[kind](a, b, reduction="mean"), p, t)
+    theirs = saved_bytes(lambda a, b: peer[kind](a, b, reduction="mean"), p, t)
+    assert ours == 6 * 4 * n  # six float32 numbers per pair, nothing else
+    assert ours <= theirs / 4, (ours, theirs)
+    # a target without gradient: only the prediction's four
+    assert saved_bytes(lambda a, b: PUBLIC[kind](a, b), p, target.detach()) == 4 * 4 * n
