@@ -1,1 +1,5 @@
 """detectors."""
+
+from .models import build_detector
+
+__all__ = ["build_detector"]
