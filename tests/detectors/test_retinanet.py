@@ -1,0 +1,214 @@
+"""RetinaNet from detectors.build_detector: torchvision parity, hand-computed box losses, DIoU-NMS, training."""
+
+import pytest
+import torch
+import torchvision
+from det_helpers import (
+    CUDA,
+    DELTA_LOSSES,
+    IOU_LOSSES,
+    NUM_CLASSES,
+    best_box_ious,
+    decode,
+    hand_box_loss,
+    synthetic_batch,
+    tiny_detector,
+    torchvision_reference,
+    train_steps,
+)
+from torchvision.models.detection.retinanet import RetinaNetRegressionHead
+
+import boxloss
+from detectors import build_detector
+from detectors.heads import BOX_LOSSES, BoxLossRetinaNet, default_box_loss_weight
+
+
+def test_default_loss_and_detections_equal_torchvision():
+    torch.manual_seed(0)
+    ours = tiny_detector("retinanet", score_thresh=0.0)  # score 0: random weights still give detections
+    reference = torchvision_reference("retinanet")
+    reference.score_thresh = 0.0
+    reference.load_state_dict(ours.state_dict())
+    images, targets = synthetic_batch()
+
+    ours_losses, ref_losses = ours(images, targets), reference(images, targets)
+    assert set(ours_losses) == {"loss_classifier", "loss_box_reg"}
+    assert torch.equal(ours_losses["loss_classifier"], ref_losses["classification"])
+    assert torch.equal(ours_losses["loss_box_reg"], ref_losses["bbox_regression"])
+    sum(ours_losses.values()).backward()
+    sum(ref_losses.values()).backward()
+    for (name, p), q in zip(ours.named_parameters(), reference.parameters()):
+        if p.requires_grad:
+            assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-8), name
+
+    ours.eval(), reference.eval()
+    with torch.no_grad():
+        for mine, theirs in zip(ours(images), reference(images)):
+            assert len(mine["boxes"]) == 300  # detections_per_img: the comparison covers the NMS
+            for key in ("boxes", "scores", "labels"):
+                assert torch.equal(mine[key], theirs[key]), key
+
+
+def test_seeded_build_equals_torchvision_resnet50_builder():
+    # same modules in the same order: same weights under a seed, and torchvision's checkpoints fit
+    torch.manual_seed(0)
+    reference = torchvision.models.detection.retinanet_resnet50_fpn(weights=None, weights_backbone=None)
+    torch.manual_seed(0)
+    ours = build_detector("retinanet", num_classes=91, backbone="resnet50")
+    theirs = reference.state_dict()
+    mine = ours.state_dict()
+    assert list(mine) == list(theirs)
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def _regression_case():
+    """Two images with the same 6 anchors, matched to 2 and 1 boxes (-1 background, -2 ignored)."""
+    grid = torch.tensor([[0.0, 0, 10, 10], [5, 5, 25, 15], [20, 20, 40, 50], [0, 30, 16, 38], [8, 8, 24, 24],
+                         [30, 0, 60, 30]])
+    anchors = [grid, grid.clone()]
+    matched = [torch.tensor([0, -1, 1, -2, 0, 1]), torch.tensor([-1, 0, -1, -1, -2, -1])]
+    targets = [
+        {"boxes": torch.tensor([[2.0, 3, 20, 18], [22, 18, 45, 52]]), "labels": torch.tensor([1, 2])},
+        {"boxes": torch.tensor([[6.0, 2, 21, 14]]), "labels": torch.tensor([1])},
+    ]
+    deltas = 0.3 * torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(1))
+    return anchors, matched, targets, deltas
+
+
+@pytest.mark.parametrize("name", IOU_LOSSES + DELTA_LOSSES)
+def test_box_loss_matches_hand_computation(name):
+    head = tiny_detector("retinanet", box_loss=name).head.regression_head
+    anchors, matched, targets, deltas = _regression_case()
+    deltas.requires_grad_(True)
+    loss = head.compute_loss(targets, {"bbox_regression": deltas}, anchors, matched)
+
+    per_image = []
+    for i in range(2):
+        fg = matched[i] >= 0
+        gt = targets[i]["boxes"][matched[i][fg]]
+        if name in IOU_LOSSES:  # the written-out decoder agrees with the head's box coder
+            torch.testing.assert_close(decode(deltas[i][fg], anchors[i][fg]),
+                                       head.box_coder.decode_single(deltas[i][fg], anchors[i][fg]))
+        per_image.append(hand_box_loss(name, deltas[i][fg], anchors[i][fg], gt) / fg.sum())
+    expected = default_box_loss_weight("retinanet", name) * (per_image[0] + per_image[1]) / 2
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    (grad,) = torch.autograd.grad(loss, deltas)
+    foreground = torch.stack(matched) >= 0
+    assert (grad[foreground] != 0).any() and (grad[~foreground] == 0).all()  # only matched anchors learn
+
+
+def test_box_loss_weight_scales_the_loss_and_empty_images_give_zero():
+    anchors, matched, targets, deltas = _regression_case()
+    outputs = {"bbox_regression": deltas}
+    unit = tiny_detector("retinanet", box_loss="giou", box_loss_weight=1.0).head.regression_head
+    tripled = tiny_detector("retinanet", box_loss="giou", box_loss_weight=3.0).head.regression_head
+    torch.testing.assert_close(tripled.compute_loss(targets, outputs, anchors, matched),
+                               3 * unit.compute_loss(targets, outputs, anchors, matched))
+    no_match = [torch.full_like(m, -1) for m in matched]
+    deltas.requires_grad_(True)
+    loss = unit.compute_loss(targets, outputs, anchors, no_match)
+    assert loss.item() == 0 and loss.requires_grad
+
+
+def test_classification_loss_is_boxloss_focal_with_torchvision_normalisation():
+    head = tiny_detector("retinanet").head.classification_head
+    anchors, matched, targets, _ = _regression_case()
+    logits = torch.randn(2, 6, NUM_CLASSES, generator=torch.Generator().manual_seed(2))
+    loss = head.compute_loss(targets, {"cls_logits": logits}, matched)
+    expected = 0
+    for i in range(2):
+        target = torch.zeros_like(logits[i])
+        fg = matched[i] >= 0
+        target[fg, targets[i]["labels"][matched[i][fg]]] = 1
+        valid = matched[i] != -2
+        expected += torchvision.ops.sigmoid_focal_loss(logits[i][valid], target[valid], reduction="sum") / max(1, fg.sum())
+    torch.testing.assert_close(loss, expected / 2)
+
+
+def test_diou_nms_keeps_overlapping_boxes_with_distant_centres():
+    # two long boxes side by side: IoU = 70/130 = 0.54 > 0.5, but their centres are 30 apart:
+    # rho^2 / c^2 = 900 / (130^2 + 10^2) = 0.053, so IoU - rho^2/c^2 = 0.485 < 0.5
+    anchors = torch.tensor([[0.0, 0, 100, 10], [30, 0, 130, 10]])
+    logits = torch.full((1, 2, NUM_CLASSES), -10.0)
+    logits[0, :, 1] = torch.tensor([3.0, 2.0])  # both class 1
+    outputs = {"cls_logits": [logits], "bbox_regression": [torch.zeros(1, 2, 4)]}
+    kept = {}
+    for nms in ("iou", "diou"):
+        model = tiny_detector("retinanet", nms=nms)
+        (det,) = model.postprocess_detections(outputs, [[anchors]], [(64, 200)])
+        kept[nms] = det["boxes"]
+        assert (det["labels"] == 1).all()
+    torch.testing.assert_close(kept["iou"], anchors[:1])
+    torch.testing.assert_close(kept["diou"], anchors)
+    # a huge beta makes the distance term vanish: DIoU-NMS becomes IoU-NMS
+    model = tiny_detector("retinanet", nms="diou", nms_beta=1e6)
+    (det,) = model.postprocess_detections(outputs, [[anchors]], [(64, 200)])
+    torch.testing.assert_close(det["boxes"], anchors[:1])
+
+
+@pytest.mark.parametrize("box_loss", BOX_LOSSES)
+def test_every_box_loss_trains_with_finite_losses(box_loss):
+    torch.manual_seed(0)
+    model = tiny_detector("retinanet", box_loss=box_loss)
+    history = train_steps(model, *synthetic_batch(), steps=3)
+    for losses in history:
+        assert set(losses) == {"loss_classifier", "loss_box_reg"}
+        assert all(torch.isfinite(v) for v in losses.values())
+    assert history[-1]["loss_box_reg"] > 0
+
+
+def test_ciou_overfits_two_images():
+    torch.manual_seed(0)
+    model = tiny_detector("retinanet", box_loss="ciou")
+    images, targets = synthetic_batch()
+    ious = []
+    for _ in range(20):  # at most 100 Adam steps; 40-55 for seeds 0-2
+        train_steps(model, images, targets, steps=5, lr=2e-3)
+        ious = best_box_ious(model, images, targets)
+        if min(ious) > 0.7:
+            break
+    assert min(ious) > 0.7, ious
+
+
+@pytest.mark.parametrize("backbone", ["resnet34", "mobilenet_v3_large"])
+def test_other_backbones_train_and_detect(backbone):
+    # MobileNetV3 RetinaNet (no torchvision builder): its stride-8/16/32 stages feed P3-P5, then P6-P7
+    torch.manual_seed(0)
+    model = tiny_detector("retinanet", backbone=backbone, box_loss="giou", nms="diou", score_thresh=0.0)
+    assert len(model.anchor_generator.sizes) == 5
+    (losses,) = train_steps(model, *synthetic_batch(), steps=1)
+    assert all(torch.isfinite(v) for v in losses.values())
+    model.eval()
+    with torch.no_grad():
+        assert len(model(synthetic_batch()[0])[1]["boxes"]) > 0
+
+
+def test_torchvision_retinanet_is_unchanged_after_building_ours():
+    build_detector("retinanet", num_classes=NUM_CLASSES, backbone="resnet18", box_loss="ciou", nms="diou")
+    assert RetinaNetRegressionHead.compute_loss.__module__ == "torchvision.models.detection.retinanet"
+    assert torchvision.models.detection.RetinaNet.postprocess_detections.__module__ == "torchvision.models.detection.retinanet"
+    reference = torchvision_reference("retinanet")
+    assert type(reference.head.regression_head) is RetinaNetRegressionHead
+    assert reference.head.regression_head._loss_type == "l1"
+    # its regression loss is still L1 on the deltas (torchvision's default), here by hand
+    anchors, matched, targets, deltas = _regression_case()
+    loss = reference.head.regression_head.compute_loss(targets, {"bbox_regression": deltas}, anchors, matched)
+    expected = sum(hand_box_loss("l1", deltas[i][m >= 0], anchors[i][m >= 0], targets[i]["boxes"][m[m >= 0]])
+                   / (m >= 0).sum() for i, m in enumerate(matched)) / 2
+    torch.testing.assert_close(loss, expected)
+    assert not isinstance(reference, BoxLossRetinaNet)
+
+
+@CUDA
+@pytest.mark.parametrize("box_loss", ["default", "ciou"])
+def test_one_training_step_on_cuda(box_loss):
+    torch.manual_seed(0)
+    model = tiny_detector("retinanet", box_loss=box_loss, nms="diou").cuda()
+    images, targets = synthetic_batch()
+    images = [i.cuda() for i in images]
+    targets = [{k: v.cuda() for k, v in t.items()} for t in targets]
+    (losses,) = train_steps(model, images, targets, steps=1)
+    assert all(torch.isfinite(v) for v in losses.values())
+    model.eval()
+    with torch.no_grad():
+        assert model(images)[0]["boxes"].is_cuda
