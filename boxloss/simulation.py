@@ -269,11 +269,12 @@ def _paper_direction(kind: str, c: _Chunk) -> tuple[Tensor, Tensor]:
     """
     s_lo, s_hi, iext, cext = _geometry(c)
     size_r, iext_r, cext_r = c.size_rows, c.rows("iext"), c.rows("cext")
-    a_lo = torch.clamp(s_lo, min=0, out=c.buf("a_lo"))  # [d_lo > 0]
-    b_lo = torch.sub(a_lo, s_lo, out=s_lo)  # [d_lo < 0] = relu(s) - s
-    b_hi = torch.clamp(s_hi, min=0, out=c.buf("b_hi"))  # [d_hi > 0]
-    a_hi = torch.sub(b_hi, s_hi, out=s_hi)  # [d_hi < 0]
-    a_diff = torch.sub(a_hi, a_lo, out=c.buf("a_diff"))  # edge-mapped dI_e/dx and dI_e/dw
+    a_lo = torch.clamp(s_lo, min=0, out=c.buf("a_lo"))  # [lo > lo_g]
+    b_lo = torch.sub(a_lo, s_lo, out=s_lo)  # [lo < lo_g] = relu(s) - s
+    b_hi = torch.clamp(s_hi, min=0, out=c.buf("b_hi"))  # [hi > hi_g]
+    a_hi = torch.sub(b_hi, s_hi, out=s_hi)  # [hi < hi_g]
+    # dI_e on the edges, mapped: a_hi - a_lo on x, a_hi + a_lo on w
+    a_diff = torch.sub(a_hi, a_lo, out=c.buf("a_diff"))
     a_sum = a_lo.add_(a_hi)
     a_diff_r, a_sum_r = c.rows("a_diff"), c.rows("a_lo")
     area = torch.mul(*size_r, out=c.buf("area", 1))
@@ -298,7 +299,8 @@ def _paper_direction(kind: str, c: _Chunk) -> tuple[Tensor, Tensor]:
 
     if kind == "giou":
         # dU / C - (U / C^2) dC with the unclamped I, U, dI; on the edges dU = dX - dI, dX = (-S_o, S_o)
-        torch.sub(b_hi, b_lo, out=c.buf("b_diff"))  # edge-mapped dC_e/dx and dC_e/dw
+        # dC_e on the edges, mapped: b_hi - b_lo on x, b_hi + b_lo on w
+        torch.sub(b_hi, b_lo, out=c.buf("b_diff"))
         b_lo.add_(b_hi)
         b_diff_r, b_sum_r = c.rows("b_diff"), c.rows("s_lo")  # b_lo lives in s_lo's buffer
         inter_u = torch.mul(*iext_r, out=inter)
@@ -324,7 +326,8 @@ def _paper_direction(kind: str, c: _Chunk) -> tuple[Tensor, Tensor]:
     d_pos.addcmul_(u, inv_c2, value=-2)  # 2 (x_g - x) c^2 / c^4
     c_rho2_c4 = torch.mul(cext, rho2_c4, out=tmp)  # C_e rho^2 / c^4
     d_pos.addcmul_(torch.sub(b_hi, b_lo, out=c.buf("dc")), c_rho2_c4, value=-2)  # dC_e/dx = b_hi - b_lo
-    # dC_e/dw: 1/2 per owned enclosing edge, -1 when both are owned: s (3/2 - s) of s = b_lo + b_hi
+    # dC_e/dw (chain rule, as the authors' Cr.dw - Cl.dw): 1/2 per owned enclosing edge, forced to -1
+    # when both are owned; with s = b_lo + b_hi in {0, 1, 2} that is s (3/2 - s)
     b_sum = b_lo.add_(b_hi)
     dc_dsize = torch.sub(1.5, b_sum, out=c.buf("dc")).mul_(b_sum)
     d_size.addcmul_(dc_dsize, c_rho2_c4, value=2)
@@ -346,8 +349,9 @@ def _exact_direction(loss: str, c: _Chunk) -> tuple[Tensor, Tensor]:
 
     The same values as autograd through the losses (eps = 1e-7, torchvision's conventions): the
     intersection counts where both extents are > 0, and ``torch.min``/``torch.max`` split the
-    gradient evenly at ties, so per axis dI_e/dx = -(sign(d_lo) + sign(d_hi)) / 2,
-    dI_e/dw = (2 + sign(d_lo) - sign(d_hi)) / 4, dC_e/dx = -dI_e/dx, dC_e/dw = 1 - dI_e/dw. With
+    gradient evenly at ties, so per axis, with s_lo = sign(lo - lo_g) and s_hi = sign(hi - hi_g),
+    dI_e/dx = -(s_lo + s_hi) / 2, dI_e/dw = (2 + s_lo - s_hi) / 4, dC_e/dx = -dI_e/dx and
+    dC_e/dw = 1 - dI_e/dw. With
     U = X + G - I, U~ = U + eps, C~ = C + eps and c^2 = C_w^2 + C_h^2 + eps:
 
     * iou, L = 1 - I / U~: -dL = (dI (U~ + I) - I dX) / U~^2;
@@ -356,7 +360,8 @@ def _exact_direction(loss: str, c: _Chunk) -> tuple[Tensor, Tensor]:
     * ciou, + alpha v with alpha held constant: -alpha dv/dw = alpha 8/pi^2 dtheta (h + eps) /
       (w^2 + (h + eps)^2), -alpha dv/dh = -alpha 8/pi^2 dtheta w / (w^2 + (h + eps)^2) with
       dtheta = atan(w_g / (h_g + eps)) - atan(w / (h + eps)) (``ciou_grad="exact"``, torchvision's);
-    * l1, l2, smooth_l1 (beta = 1) on (x, y, w, h): -sign(e), -2 e, -clamp(e / beta, -1, 1).
+    * l1, l2, smooth_l1 (beta = 1) on e = (x, y, w, h) - (x_g, y_g, w_g, h_g): -sign(e), -2 e,
+      -clamp(e / beta, -1, 1).
     """
     s_lo, s_hi, iext, cext = _geometry(c)
     size_r, cext_r = c.size_rows, c.rows("cext")

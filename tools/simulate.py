@@ -112,7 +112,7 @@ def plot_curves(path: str, summary: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = plt.subplots(figsize=(7.4, 4.4))
     for name, r in summary["losses"].items():
         ax.plot(range(len(r["total_error"])), r["total_error"], label=name, lw=1.6)
     for t in (160, 180):  # the step size drops
@@ -123,7 +123,7 @@ def plot_curves(path: str, summary: dict) -> None:
     ax.set_ylabel(f"total error over {summary['cases']:,} cases")
     ax.set_title(f"{summary['mode']} directions ({summary['points']:,} centres)")
     ax.grid(True, which="both", alpha=0.25)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
