@@ -46,7 +46,9 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import torch
@@ -57,23 +59,24 @@ __all__ = ["iou_family_loss", "IoUFamilyLoss", "KINDS", "default_chunk"]
 KINDS = ("iou", "giou", "diou", "ciou")
 _K4 = 4 / math.pi**2  # CIoU's v = 4/pi^2 * delta^2
 
-# Pairs per chunk on CPU, by element size. 32k float32 pairs keep every op below PyTorch's
-# intra-op grain size (32768 elements for the [C] rows; the [4, C] rows are split by TensorIterator
-# only when worth it) and the ~40 workspace rows inside a 1 MiB L2.
-_CPU_CHUNK_BYTES = 128 * 1024
-_CUDA_CHUNK = 1 << 22  # GPU: one launch per op over up to 4M pairs caps the workspace at ~700 MB
+# Pairs per chunk on CPU. Every op of a chunk then has at most 4 x 8192 = 32768 elements, which
+# PyTorch runs on the calling thread: a larger op would open an OpenMP parallel region, and with
+# OMP_WAIT_POLICY=PASSIVE (advised on small machines) waking the sleeping workers costs ~15 us per
+# op, more than the op itself. The cores are used instead by running chunks on several Python
+# threads (the ops release the GIL): see _run_chunks.
+_CPU_CHUNK = 8192
+_CUDA_CHUNK = 1 << 20  # GPU: one launch per op over up to 1M pairs (workspace ~420 MB in float32)
+_MAX_THREADS = 4  # beyond this the Python-side dispatch (under the GIL) is the bottleneck
 
 
-def default_chunk(device: torch.device, dtype: torch.dtype) -> int:
-    """Pairs processed per chunk: cache-sized on CPU, large on GPUs (memory cap only)."""
-    if device.type == "cpu":
-        return _CPU_CHUNK_BYTES // torch.empty((), dtype=dtype).element_size()
-    return _CUDA_CHUNK
+def default_chunk(device: torch.device) -> int:
+    """Pairs processed per chunk: 8192 on CPU (see the comment above), 1M on GPUs (memory cap)."""
+    return _CPU_CHUNK if device.type == "cpu" else _CUDA_CHUNK
 
 
 @functools.cache
-def _clamp_grad_at_zero() -> float:
-    """The subgradient autograd gives ``x.clamp(min=0)`` at x = 0 (1 in older PyTorch, 0 now).
+def _clamp_grad_at_zero() -> bool:
+    """Whether autograd passes the gradient of ``x.clamp(min=0)`` at x = 0 (older PyTorch: yes).
 
     The reference formulation clamps widths and heights with ``clamp(min=0)``; asking autograd once
     keeps zero-width boxes bit-compatible with it on every supported PyTorch version.
@@ -81,33 +84,41 @@ def _clamp_grad_at_zero() -> float:
     with torch.enable_grad():
         x = torch.zeros((), requires_grad=True)
         (g,) = torch.autograd.grad(x.clamp(min=0), x)
-    return float(g)
+    return bool(g != 0)
 
 
 class _Consts:
-    """Small constant tensors of one device and dtype (created once; no host-device copies later)."""
+    """0-d and small constant tensors of one device, dtype and eps, created once.
+
+    A Python number where an op expects a tensor is wrapped into a new tensor on every call (about
+    2 us, as long as the op itself on a few thousand numbers); these are wrapped once.
+    """
 
     _cache: dict = {}
 
     @classmethod
-    def get(cls, device: torch.device, dtype: torch.dtype) -> "_Consts":
-        key = (device, dtype)
+    def get(cls, device: torch.device, dtype: torch.dtype, eps: float = 1e-7) -> "_Consts":
+        key = (device, dtype, eps)
         c = cls._cache.get(key)
         if c is None:
-            c = cls._cache[key] = cls(device, dtype)
+            if len(cls._cache) > 64:  # many distinct eps values: do not grow without bound
+                cls._cache.clear()
+            c = cls._cache[key] = cls(device, dtype, eps)
         return c
 
-    def __init__(self, device: torch.device, dtype: torch.dtype):
-        kw = dict(device=device, dtype=dtype)
-        # x1, y1 negated: q-form columns
-        self.q_sign = torch.tensor([[-1.0], [-1.0], [1.0], [1.0]], **kw)  # [4, 1]
-        self.one = torch.full((), 1.0, **kw)  # 1 - x with out= (torch.rsub has no out)
-        self.zero = torch.zeros((), **kw)
-        # the gradient of a width/height clamped at 0, at exactly 0: what autograd's clamp does
-        # (0 in current PyTorch)
-        self.clamp_grad_at_zero = _clamp_grad_at_zero() != 0
-        # CIoU aspect gradient: -2k for the prediction's v-derivative sign, +2k for the target's
-        self.aspect_sign = torch.tensor([-2 * _K4, 2 * _K4], **kw).view(2, 1)
+    def __init__(self, device: torch.device, dtype: torch.dtype, eps: float):
+        def full(v):
+            return torch.full((), v, device=device, dtype=dtype)
+
+        self.eps, self.zero, self.one, self.half, self.minus2, self.k4 = (
+            full(v) for v in (eps, 0.0, 1.0, 0.5, -2.0, _K4)
+        )
+        self.q_sign = torch.tensor([[-1.0], [-1.0], [1.0], [1.0]], device=device, dtype=dtype)  # [4, 1]
+        # CIoU: d(-alpha v)/d(w, h) = -alpha dv: +2k for the prediction (dv has -2k delta), -2k target
+        self.aspect_sign = torch.tensor([[2 * _K4], [-2 * _K4]], device=device, dtype=dtype)  # [2, 1]
+        # backward: saved d(-L)/dq rows -> dL/d(coordinate): pred lo, pred hi, target lo
+        self.grad_sign = torch.tensor([[1.0], [1.0], [-1.0], [-1.0], [1.0], [1.0]], device=device, dtype=dtype)
+        self.clamp_grad_at_zero = _clamp_grad_at_zero()
 
 
 class _Workspace:
@@ -119,11 +130,11 @@ class _Workspace:
 
     # name: shape without the trailing chunk dimension
     _SHAPES = {
-        "Q": (4, 2, 2),  # groups: pred, target (q-form), intersection (min), enclosing (max)
+        "Q": (4, 2, 2),  # groups: pred, target, intersection, enclosing; rows (lo|hi, x|y)
         "SZ": (4, 2),  # (w, h) of pred, target, intersection, enclosing, unclamped
         "CL": (3, 2),  # clamped at 0: pred, target, intersection
         "P": (3,),  # products of CL: A1, A2, inter
-        "D": (2, 2),  # q_target - q_pred
+        "D": (2, 2),  # (x1 - x1g, y1 - y1g, x2g - x2, y2g - y2), then its sign
         "WI": (2, 2),  # weight of the prediction in the intersection min: 1, 0 or 1/2 at ties
         "MK": (3, 2),  # clamp / intersection masks
         "F": (3, 2),  # d(area)/d(size): flipped clamped sizes times masks
@@ -135,17 +146,24 @@ class _Workspace:
         "B": (2, 2),  # GWH[0] -/+ Grx
         "A": (2, 2),  # CIoU: h + eps, then atan(w / (h + eps))
         "X": (2, 2),  # CIoU: aspect-gradient scratch
-        "S": (16,),  # per-pair scalars
+        "S": (18,),  # per-pair scalars
+        "BW": (8,),  # backward: scaled gradient rows
     }
+
+    # Rows are cap + _PAD long. Besides alignment this keeps a [4, c] block of rows from being
+    # exactly the transpose of a contiguous [c, 4] one: for that case Tensor.copy_ takes a blocked
+    # transpose path that is 3-5x slower than its general strided loop.
+    _PAD = 32
 
     def __init__(self, cap: int, device: torch.device, dtype: torch.dtype):
         self.cap = cap
+        stride = cap + self._PAD
         sizes = {k: math.prod(s) for k, s in self._SHAPES.items()}
-        flat = torch.empty(sum(sizes.values()) * cap, device=device, dtype=dtype)
+        flat = torch.empty(sum(sizes.values()) * stride, device=device, dtype=dtype)
         self.buf, off = {}, 0
         for k, s in self._SHAPES.items():
-            n = sizes[k] * cap
-            self.buf[k] = flat[off : off + n].view(*s, cap)
+            n = sizes[k] * stride
+            self.buf[k] = flat[off : off + n].view(*s, stride)[..., :cap]
             off += n
         self._views: dict = {}
 
@@ -162,17 +180,19 @@ class _Workspace:
         Q, SZ, CL, P, MK, F, GWH, S = (b[k] for k in ("Q", "SZ", "CL", "P", "MK", "F", "GWH", "S"))
         w = SimpleNamespace(**b)
         w.Q0f, w.Q1f = Q[0].flatten(0, 1), Q[1].flatten(0, 1)  # [4, c] targets of the transposition
-        w.Q0, w.Q1, w.Q2, w.Q3 = Q.unbind(0)
-        w.Qhi3, w.Qlo3, w.Qhi4, w.Qlo4 = Q[:3, 1], Q[:3, 0], Q[:, 1], Q[:, 0]
-        w.SZ3, w.SZ01, w.cwh = SZ[:3], SZ[0:2], SZ[3]
+        w.Q01hi, w.Q01lo, w.Q23hi, w.Q23lo = Q[0:2, 1], Q[0:2, 0], Q[2:4, 1], Q[2:4, 0]
+        w.Q0lo, w.Q0hi, w.Q1lo, w.Q1hi = Q[0, 0], Q[0, 1], Q[1, 0], Q[1, 1]  # [x|y, c] each
+        w.Ilo, w.Ihi, w.Elo, w.Ehi = Q[2, 0], Q[2, 1], Q[3, 0], Q[3, 1]
+        w.Dlo, w.Dhi = b["D"].unbind(0)
+        w.SZ01, w.SZ2, w.SZ23, w.cwh = SZ[0:2], SZ[2], SZ[2:4], SZ[3]
         w.cw, w.ch = SZ[3].unbind(0)
-        w.CLw, w.CLh = CL[:, 0], CL[:, 1]
+        w.CL01, w.CL2, w.CLw, w.CLh = CL[0:2], CL[2], CL[:, 0], CL[:, 1]
         w.wb, w.hb = CL[0:2, 0], CL[0:2, 1]  # [2 boxes, c]
         w.iw_c, w.ih_c = CL[2].unbind(0)
         w.a1, w.a2, w.inter = P.unbind(0)
         w.D0, w.D1 = b["D"].unbind(0)
         w.WI0 = b["WI"][0]
-        w.MK01, w.MKw, w.MKh = MK[0:2], MK[0:2, 0], MK[0:2, 1]
+        w.MK01, w.MK2, w.MKw, w.MKh = MK[0:2], MK[2], MK[0:2, 0], MK[0:2, 1]
         w.MK2_0, w.MK2_1 = MK[2].unbind(0)
         w.F2, w.F01, w.F01_0, w.F01_1 = F[2], F[0:2], F[0:2, 0], F[0:2, 1]
         w.F2_0, w.F2_1 = F[2].unbind(0)
@@ -184,24 +204,68 @@ class _Workspace:
         w.at0, w.at1 = b["A"][1].unbind(0)
         w.aq, w.den = b["X"].unbind(0)
         w.s = S.unbind(0)
+        w.s01, w.s23, w.s1112 = S[0:2], S[2:4], S[11:13]
+        w.bw6, w.bw_hi, w.bw = b["BW"][0:6], b["BW"][6:8], b["BW"]
         return w
 
 
-# CPU workspaces are kept between calls (one per thread, device and dtype: ~7 MB for float32):
-# allocating and viewing them again costs more than a small input's whole loss.
+# CPU workspaces are kept between calls, one per thread and dtype (3 MB for float32): allocating
+# and viewing them again would cost more than a small input's whole loss.
 _local = threading.local()
 
 
-def _workspace(cap: int, device: torch.device, dtype: torch.dtype) -> _Workspace:
+def _views(c: int, device: torch.device, dtype: torch.dtype) -> SimpleNamespace:
     if device.type != "cpu":
-        return _Workspace(cap, device, dtype)  # the caching allocator makes this cheap on GPUs
+        return _Workspace(c, device, dtype).views(c)  # the caching allocator makes this cheap on GPUs
     cache = getattr(_local, "workspaces", None)
     if cache is None:
         cache = _local.workspaces = {}
     ws = cache.get(dtype)
-    if ws is None or ws.cap < cap:
-        ws = cache[dtype] = _Workspace(cap, device, dtype)
-    return ws
+    if ws is None or ws.cap < c:
+        ws = cache[dtype] = _Workspace(c, device, dtype)
+    return ws.views(c)
+
+
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): a forked child makes its own
+_pool_lock = threading.Lock()
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid() or _pool[1]._max_workers < workers:
+            _pool = (os.getpid(), ThreadPoolExecutor(workers, thread_name_prefix="boxloss"))
+        return _pool[1]
+
+
+def _run_chunks(n: int, c: int, device: torch.device, body) -> None:
+    """Call ``body(start)`` for chunks ``[start, start + c)`` covering ``[0, n)``, on several threads.
+
+    The last chunk is moved back to end at ``n`` (it overlaps the one before and recomputes the
+    same values), so every chunk has length ``c``. On CPU the chunks are split into contiguous
+    blocks, one per thread (the caller's included), up to ``torch.get_num_threads()``: PyTorch ops
+    release the GIL, so the blocks run on separate cores. Each thread has its own workspace.
+    """
+    starts = [min(s, n - c) for s in range(0, n, c)]
+    threads = min(torch.get_num_threads(), _MAX_THREADS, len(starts)) if device.type == "cpu" else 1
+
+    def run(block):
+        # inference mode: the workspace is made of inference tensors, whose ops skip the version
+        # counter and autograd bookkeeping (~15% of an op's fixed cost); grad mode is per thread
+        with torch.inference_mode():
+            for s in block:
+                body(s)
+
+    if threads <= 1:
+        run(starts)
+        return
+    per = -(-len(starts) // threads)
+    blocks = [starts[i : i + per] for i in range(0, len(starts), per)]  # the overlapping tail stays last
+
+    futures = [_executor(threads - 1).submit(run, b) for b in blocks[1:]]
+    run(blocks[0])
+    for f in futures:
+        f.result()
 
 
 def _chunk(
@@ -212,115 +276,123 @@ def _chunk(
     grad: Tensor | None,
     w: SimpleNamespace,
     k: _Consts,
-    eps: float,
     log: bool,
     paper: bool,
     gated: bool,
 ) -> None:
-    """Loss ``[c]`` of the pairs ``p``, ``t`` (``[c, 4]``) into ``loss``; q-form gradients into ``grad``.
+    """Loss ``[c]`` of the pairs ``p``, ``t`` (``[c, 4]``) into ``loss``; gradient rows into ``grad``.
 
-    ``grad`` is ``[R, c]`` with R = 6 (dL/dq of the prediction's 4 rows, then of the target's x1, y1
-    rows) or 4 (prediction only), or None for values only. q = (-x1, -y1, x2, y2).
+    ``grad`` is ``[R, c]``: d(-L)/dq for the prediction's 4 q-rows, then (R = 6) the target's x1, y1
+    q-rows, with q = (-x1, -y1, x2, y2); or None for values only. The gradient of -L (the metric's,
+    for the linear losses) saves a negation per term; backward flips the sign back for free.
     """
-    s = w.s
+    s, eps = w.s, k.eps
     box = kind != "iou"  # needs the enclosing box
     centre = kind in ("diou", "ciou")
 
-    # q-form columns (the transposition: the only strided reads), intersection (min) and enclosing (max)
-    torch.mul(p.t(), k.q_sign, out=w.Q0f)
-    torch.mul(t.t(), k.q_sign, out=w.Q1f)
-    torch.minimum(w.Q0, w.Q1, out=w.Q2)
+    # coordinate rows (the transposition: the only strided reads); intersection and enclosing box
+    w.Q0f.copy_(p.t())
+    w.Q1f.copy_(t.t())
+    torch.maximum(w.Q0lo, w.Q1lo, out=w.Ilo)
+    torch.minimum(w.Q0hi, w.Q1hi, out=w.Ihi)
+    torch.sub(w.Q01hi, w.Q01lo, out=w.SZ01)  # [2 boxes, 2, c]: (w, h), unclamped
     if box:
-        torch.maximum(w.Q0, w.Q1, out=w.Q3)
-        torch.add(w.Qhi4, w.Qlo4, out=w.SZ)  # [4, 2, c]: hi + lo = (w, h), unclamped
+        torch.minimum(w.Q0lo, w.Q1lo, out=w.Elo)
+        torch.maximum(w.Q0hi, w.Q1hi, out=w.Ehi)
+        torch.sub(w.Q23hi, w.Q23lo, out=w.SZ23)  # intersection and enclosing box
     else:
-        torch.add(w.Qhi3, w.Qlo3, out=w.SZ3)
-    torch.clamp(w.SZ3, min=0, out=w.CL)  # widths/heights at 0; the intersection relu'd
+        torch.sub(w.Ihi, w.Ilo, out=w.SZ2)
+    torch.clamp(w.SZ01, min=0, out=w.CL01)  # widths and heights at 0
+    torch.clamp(w.SZ2, min=0, out=w.CL2)  # the intersection relu'd
     torch.mul(w.CLw, w.CLh, out=w.P)  # [3, c]: A1, A2, inter (0 unless iw > 0 and ih > 0)
-    union, ue, iou, metric = s[0], s[1], s[2], s[3]
+    union, ue, iou, metric = s[0], s[2], s[4], s[5]
     torch.add(w.a1, w.a2, out=union).sub_(w.inter)
-    torch.add(union, eps, out=ue)
-    torch.div(w.inter, ue, out=iou)
 
     if kind == "giou":
-        area_c, area_ce, pen = s[4], s[5], s[6]
+        area_c, area_ce, pen = s[1], s[3], s[6]
         torch.mul(w.cw, w.ch, out=area_c)
-        torch.add(area_c, eps, out=area_ce)
-        torch.sub(area_c, union, out=pen).div_(area_ce)
-        torch.sub(iou, pen, out=metric)
-    elif centre:
-        c2, rho2, dterm, hc = s[4], s[5], s[6], w.H
-        torch.sub(w.Q1, w.Q0, out=w.D)
+        torch.add(w.s01, eps, out=w.s23)  # (U + eps, |C| + eps)
+        torch.div(w.inter, ue, out=iou)
+        torch.sub(area_c, union, out=pen)
+        torch.addcdiv(iou, pen, area_ce, value=-1, out=metric)  # iou - (|C| - U) / (|C| + eps)
+    else:
+        torch.add(union, eps, out=ue)
+        torch.div(w.inter, ue, out=iou)
+        metric = iou
+    if centre:
+        c2, dterm, rho2, hc = s[1], s[6], s[7], w.H
+        torch.sub(w.Q0lo, w.Q1lo, out=w.Dlo)  # x1 - x1g: sign > 0 where the pred owns max(x1, x1g)
+        torch.sub(w.Q1hi, w.Q0hi, out=w.Dhi)  # x2g - x2: sign > 0 where it owns min(x2, x2g)
         torch.mul(w.cw, w.cw, out=c2).addcmul_(w.ch, w.ch).add_(eps)  # squared diagonal of C, + eps
-        torch.sub(w.D0, w.D1, out=hc).mul_(0.5)  # ((x1 + x2) - (x1g + x2g)) / 2, same for y
+        torch.sub(w.D1, w.D0, out=hc).mul_(k.half)  # -((x1 + x2) - (x1g + x2g)) / 2, same for y
         torch.mul(w.H0, w.H0, out=rho2).addcmul_(w.H1, w.H1)
         torch.div(rho2, c2, out=dterm)
+        metric = s[5]
         torch.sub(iou, dterm, out=metric)
         if kind == "ciou":
-            delta, v, alpha = s[7], s[8], s[9]
+            delta, v, alpha = s[8], s[9], s[10]
             torch.add(w.hb, eps, out=w.he)  # atan'(w/h) * d(w/h)/dh is NaN at h = 0 without the eps
             torch.div(w.wb, w.he, out=w.at).atan_()
             torch.sub(w.at1, w.at0, out=delta)
-            torch.mul(delta, delta, out=v).mul_(_K4)
+            torch.mul(delta, delta, out=v).mul_(k.k4)
             torch.sub(k.one, iou, out=alpha).add_(v).add_(eps)  # (1 - iou) + v + eps
             torch.div(v, alpha, out=alpha)  # held constant: no gradient through alpha
             if gated:  # MMDetection: alpha only where IoU > 0.5
                 alpha.mul_(iou > 0.5)
             metric.addcmul_(alpha, v, value=-1)
-    else:
-        metric = iou
 
     if log:
-        torch.add(iou, eps, out=s[4])
-        torch.log(s[4], out=loss).neg_()
+        lg = s[17]
+        torch.add(iou, eps, out=lg)
+        torch.log(lg, out=loss).neg_()
     else:
         torch.sub(k.one, metric, out=loss)
     if grad is None:
         return
 
-    # ---------------------------------------------------------------- gradient
-    # with iou = I / Ue and dL/diou = -kl (1, or 1 / (iou + eps) for log):
-    # dL/dI|U = -kl / Ue, dL/dU = kl iou / Ue (+ dpenalty/dU), total dL/dI = dL/dI|U - dL/dU
-    r, g_u, g_i = s[10], s[11], s[12]
-    torch.reciprocal(ue, out=r)
-    torch.mul(iou, r, out=g_u)
-    if log:
-        kl = s[4].reciprocal_()  # s[4] held iou + eps
-        g_u.mul_(kl)
-        r.mul_(kl)
-    if kind == "giou":  # penalty (|C| - U) / (|C| + eps): d/dU = -1 / (|C| + eps)
-        r_c = s[13]
-        torch.reciprocal(area_ce, out=r_c)
-        g_u.sub_(r_c)
-    torch.add(r, g_u, out=g_i).neg_()
+    # ---------------------------------------------------------------- gradient of -L
+    # iou = I / Ue: with kl = d(-L)/diou (1, or 1 / (iou + eps) for log) and r = kl / Ue:
+    # m_u = d(-L)/dU = -iou r (+ 1 / (|C| + eps) for GIoU), m_i = d(-L)/dI in total = r - m_u
+    r, m_u, m_i = s[11], s[13], s[14]
+    if kind == "giou":
+        r_c = s[12]
+        torch.reciprocal(w.s23, out=w.s1112)  # (1 / (U + eps), 1 / (|C| + eps))
+        torch.addcmul(r_c, iou, r, value=-1, out=m_u)
+    else:
+        torch.reciprocal(ue, out=r)
+        if log:
+            r.div_(lg)  # lg held iou + eps
+        torch.addcmul(k.zero, iou, r, value=-1, out=m_u)
+    torch.sub(r, m_u, out=m_i)
 
     # clamp masks (torch.heaviside would do it in one op, but is ~30x slower than a comparison)
     if k.clamp_grad_at_zero:  # older PyTorch: clamp(min=0) passes the gradient at exactly 0
         torch.ge(w.SZ01, 0, out=w.MK01)
-        torch.gt(w.SZ[2], 0, out=w.MK[2])  # the intersection mask is strict (torchvision's)
     else:
-        torch.gt(w.SZ3, 0, out=w.MK)
-    # d(inter)/d(iw) = ih * [iw > 0] * [ih > 0] = relu(ih) * [iw > 0] (torchvision's strict mask)
+        torch.gt(w.SZ01, 0, out=w.MK01)
+    torch.gt(w.SZ2, 0, out=w.MK2)  # the intersection mask is strict (torchvision's)
+    # d(inter)/d(iw) = ih * [iw > 0] * [ih > 0] = relu(ih) * [iw > 0]
     torch.mul(w.ih_c, w.MK2_0, out=w.F2_0)
     torch.mul(w.iw_c, w.MK2_1, out=w.F2_1)
-    torch.mul(w.F2, g_i, out=w.GI)  # [2, c]: dL/d(iw, ih)
+    torch.mul(w.F2, m_i, out=w.GI)  # [2, c]: d(-L)/d(iw, ih)
 
     # enclosing box: gradient w.r.t. its (cw, ch), and the centre term
-    if kind == "giou":  # dL/d|C| = (U + eps) / (|C| + eps)^2
-        g_c = s[14]
-        torch.mul(ue, r_c, out=g_c).mul_(r_c)
+    g_c = s[15]
+    if kind == "giou":  # d(-L)/d|C| = -(U + eps) / (|C| + eps)^2
+        torch.mul(ue, r_c, out=g_c)
+        torch.addcmul(k.zero, g_c, r_c, value=-1, out=g_c)
         torch.mul(w.ch, g_c, out=w.GE0)
         torch.mul(w.cw, g_c, out=w.GE1)
-    elif centre:  # d(rho2 / c2)/dcw = -2 cw rho2 / c2^2; d/d(dc) = dc / (2 c2)
-        r2, g_c = s[13], s[14]
+    elif centre:  # d(-rho2 / c2)/dcw = 2 cw rho2 / c2^2; d/d(x1 + x2 - x1g - x2g) = -(dc / 2) / c2
+        r2 = s[12]
         torch.reciprocal(c2, out=r2)
-        torch.mul(dterm, r2, out=g_c).mul_(-2)
+        torch.addcmul(k.zero, dterm, r2, value=2, out=g_c)
         torch.mul(w.cwh, g_c, out=w.GE)
-        g_rho = hc.mul_(r2)  # [2, c]: dL/d(x1 + x2 - x1g - x2g) per axis
+        g_rho = hc.mul_(r2)  # [2, c]
 
-    # pred and target sizes: dL/d(w, h) = dL/dU * (h, w) [+ alpha dv/d(w, h)], masked by the clamp
+    # pred and target sizes: d(-L)/d(w, h) = m_u (h, w) [- alpha dv/d(w, h)], masked by the clamp
     if kind == "ciou":
-        cf = s[15]
+        cf = s[16]
         torch.mul(alpha, delta, out=cf)
         if paper:
             torch.mul(cf, k.aspect_sign, out=w.aq)
@@ -329,22 +401,26 @@ def _chunk(
             torch.mul(w.he, w.he, out=w.den).addcmul_(w.wb, w.wb)
             torch.div(cf, w.den, out=w.aq).mul_(k.aspect_sign)
             hv = w.he
-        # dL/dw_b = g_u h_b + aq_b hv_b ;  dL/dh_b = g_u w_b - aq_b w_b
-        torch.mul(hv, w.aq, out=w.GWH_w).addcmul_(w.hb, g_u)
-        torch.sub(g_u, w.aq, out=w.GWH_h).mul_(w.wb)
+        # d(-L)/dw_b = m_u h_b + aq_b hv_b ;  d(-L)/dh_b = (m_u - aq_b) w_b
+        torch.mul(hv, w.aq, out=w.GWH_w).addcmul_(w.hb, m_u)
+        torch.sub(m_u, w.aq, out=w.GWH_h).mul_(w.wb)
         w.GWH.mul_(w.MK01)
     else:
         torch.mul(w.hb, w.MKw, out=w.F01_0)
         torch.mul(w.wb, w.MKh, out=w.F01_1)
-        torch.mul(w.F01, g_u, out=w.GWH)
+        torch.mul(w.F01, m_u, out=w.GWH)
 
     # q-form coordinate gradients. For q-row (lo|hi, x|y) of the prediction:
-    #   dL/dq = dL/dw + WI dL/diw + (1 - WI) dL/dcw (-/+ dL/d(centre) for lo/hi)
-    # the target's: dL/dw_g + (1 - WI) dL/diw + WI dL/dcw (+/- the centre term)
-    if not centre:
-        torch.sub(w.Q1, w.Q0, out=w.D)
+    #   d/dq = d/dw + WI d/diw + (1 - WI) d/dcw (-/+ d/d(centre offset) for lo/hi)
+    # the target's: d/dw_g + (1 - WI) d/diw + WI d/dcw (+/- the centre term)
+    if centre:
+        torch.sign(w.D, out=w.D)
+    else:
+        torch.sub(w.Q0lo, w.Q1lo, out=w.Dlo)
+        torch.sub(w.Q1hi, w.Q0hi, out=w.Dhi)
+        w.D.sign_()
     # pred's weight in the intersection min: 1, 0, or 1/2 at a tie (torch.min splits the gradient)
-    torch.sign(w.D, out=w.WI).mul_(0.5).add_(0.5)
+    torch.add(k.half, w.D, alpha=0.5, out=w.WI)
     g1 = grad[0:4].unflatten(0, (2, 2))  # [lo|hi, x|y, c]
     if box:
         torch.lerp(w.GE, w.GI, w.WI, out=w.T)  # exact at WI in {0, 1}
@@ -379,55 +455,55 @@ def _forward(
     chunk: int | None,
 ) -> tuple[Tensor, Tensor | None]:
     """Loss ``[N]`` and the q-form gradient rows ``[grad_rows, N]`` (None for ``grad_rows == 0``)."""
-    p = pred.reshape(-1, 4)
-    t = target.reshape(-1, 4)
-    n = p.shape[0]
-    loss = torch.empty(n, device=p.device, dtype=p.dtype)
-    grad = torch.empty(grad_rows, n, device=p.device, dtype=p.dtype) if grad_rows else None
+    p = pred.detach().reshape(-1, 4)
+    t = target.detach().reshape(-1, 4)
+    n, device, dtype = p.shape[0], p.device, p.dtype
+    loss = torch.empty(n, device=device, dtype=dtype)
+    grad = torch.empty(grad_rows, n, device=device, dtype=dtype) if grad_rows else None
     if n == 0:
         return loss, grad
-    cap = chunk or default_chunk(p.device, p.dtype)
-    c = min(n, cap)
-    w = _workspace(c, p.device, p.dtype).views(c)
-    consts = _Consts.get(p.device, p.dtype)
-    for s in range(0, n, c):
-        s = min(s, n - c)  # the last chunk overlaps the one before: every chunk has length c
+    c = min(n, chunk or default_chunk(device))
+    k = _Consts.get(device, dtype, eps)
+
+    def body(s: int) -> None:
         e = s + c
         g = None if grad is None else grad[:, s:e]
-        _chunk(kind, p[s:e], t[s:e], loss[s:e], g, w, consts, eps, log, paper, gated)
+        _chunk(kind, p[s:e], t[s:e], loss[s:e], g, _views(c, device, dtype), k, log, paper, gated)
+
+    _run_chunks(n, c, device, body)
     return loss, grad
 
 
-def _backward(grad_out: Tensor, g: Tensor, k: _Consts, need_target: bool) -> tuple[Tensor, Tensor | None]:
+def _backward(grad_out: Tensor, g: Tensor, need_target: bool, chunk: int | None) -> tuple[Tensor, Tensor | None]:
     """``[N, 4]`` gradients of pred and target from the saved q-form rows ``g`` and ``dL_total/dL``.
 
-    Memory-bound: reads the saved rows once and writes each ``[N, 4]`` gradient once (strided
-    writes into its transpose, as torch's elementwise kernels do well in this direction).
+    Per chunk: scale the rows by the incoming gradient and the q-sign (in cache), add the target's
+    hi rows (the four x-gradients of a pair sum to zero, likewise y), then interleave them into the
+    ``[N, 4]`` outputs. The interleaving writes pairs (x, y) as one complex number: the elementwise
+    kernels handle a long loop of 8-byte strided writes far better than the transposed ``[4, N]``
+    view (an inner loop of length 4).
     """
-    n = g.shape[1]
-    gp = torch.empty(n, 4, device=g.device, dtype=g.dtype)
-    gt = torch.empty(n, 4, device=g.device, dtype=g.dtype) if need_target else None
-    gpt = gp.t()  # [4, N] view: rows x1, y1, x2, y2
-    if grad_out.dim() == 0 or all(st == 0 for st in grad_out.stride()):
-        # "sum" or avg_factor: one number broadcast (stride 0); scale the 4x1 q-sign by it. ("mean"
-        # arrives materialised: MeanBackward divides the expanded gradient, so it takes the path below.)
-        coef = k.q_sign * grad_out.reshape(-1)[:1]  # [4, 1] on the device: no host sync
-        torch.mul(g[0:4], coef, out=gpt)
-        if need_target:
-            gtt = gt.t()
-            torch.mul(g[4:6], coef[0:2], out=gtt[0:2])
-            hi = torch.sub(g[0:2], g[2:4]).add_(g[4:6])  # per axis the four gradients sum to zero
-            torch.mul(hi, coef[2:4], out=gtt[2:4])
+    rows, n = g.shape
+    device, dtype = g.device, g.dtype
+    gp = torch.empty(n, 4, device=device, dtype=dtype)
+    gt = torch.empty(n, 4, device=device, dtype=dtype) if need_target else None
+    if n == 0:
         return gp, gt
-    go = grad_out.reshape(1, n)
-    # q = (-x1, -y1, x2, y2): the lo rows change sign; addcmul(0, g, go, value=-+1) folds both in
-    torch.addcmul(k.zero, g[0:2], go, value=-1, out=gpt[0:2])
-    torch.addcmul(k.zero, g[2:4], go, out=gpt[2:4])
-    if need_target:
-        gtt = gt.t()
-        torch.addcmul(k.zero, g[4:6], go, value=-1, out=gtt[0:2])
-        hi = torch.sub(g[0:2], g[2:4]).add_(g[4:6])
-        torch.mul(hi, go, out=gtt[2:4])
+    go = grad_out.reshape(1, n)  # "sum" gives a stride-0 (expanded) gradient; "mean" a materialised one
+    c = min(n, chunk or default_chunk(device))
+    k = _Consts.get(device, dtype)
+
+    def body(s: int) -> None:
+        e = s + c
+        w = _views(c, device, dtype)
+        bw = w.bw6[:rows]
+        torch.mul(g[:, s:e], go[:, s:e], out=bw).mul_(k.grad_sign[:rows])  # coordinate gradients
+        gp[s:e].copy_(w.bw6[0:4].t())
+        if need_target:
+            torch.add(w.bw6[0:2], w.bw6[2:4], out=w.bw_hi).add_(w.bw6[4:6]).neg_()  # the four sum to 0
+            gt[s:e].copy_(w.bw[4:8].t())
+
+    _run_chunks(n, c, device, body)
     return gp, gt
 
 
@@ -446,6 +522,7 @@ class IoUFamilyLoss(torch.autograd.Function):
             ctx.save_for_backward(g)
         ctx.need = (need_p, need_t)
         ctx.shape = pred.shape
+        ctx.chunk = chunk
         return loss.view(pred.shape[:-1])
 
     @staticmethod
@@ -455,7 +532,7 @@ class IoUFamilyLoss(torch.autograd.Function):
         if not (need_p or need_t):
             return (None,) * 8
         (g,) = ctx.saved_tensors
-        gp, gt = _backward(grad_out, g, _Consts.get(g.device, g.dtype), need_t)
+        gp, gt = _backward(grad_out, g, need_t, ctx.chunk)
         return (
             gp.view(ctx.shape) if need_p else None,
             gt.view(ctx.shape) if need_t else None,
@@ -499,5 +576,5 @@ def iou_family_loss(
     gated = kind == "ciou" and alpha == "gated"
     if torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad):
         return IoUFamilyLoss.apply(pred, target, kind, eps, log, paper, gated, chunk)
-    loss, _ = _forward(kind, pred.detach(), target.detach(), eps, log, paper, gated, 0, chunk)
+    loss, _ = _forward(kind, pred, target, eps, log, paper, gated, 0, chunk)
     return loss.view(pred.shape[:-1])
