@@ -79,6 +79,18 @@ def write_text(path: str, text: str) -> None:
     atomic_write(path, write)
 
 
+def save_png(fig, path: str, dpi: int) -> None:
+    """Save ``fig`` atomically as a 256-colour PNG (a scatter of 5,000 points compresses badly in RGBA)."""
+    import io
+
+    from PIL import Image  # matplotlib's own dependency
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    image = Image.open(buf).convert("RGB").quantize(colors=256)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", optimize=True))
+
+
 def fmt(value: float) -> str:
     return f"{value:.4g}"
 
@@ -125,7 +137,7 @@ def plot_curves(path: str, summary: dict) -> None:
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    save_png(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -147,7 +159,7 @@ def plot_map(path: str, summary: dict, centres: torch.Tensor, point_errors: dict
     x, y = centres[:, 0].numpy(), centres[:, 1].numpy()
     for ax, name in zip(axes.flat, names):
         err = point_errors[name].clamp(min=vmin).numpy()
-        im = ax.scatter(x, y, c=err, s=3, norm=norm, cmap="viridis", linewidths=0)
+        im = ax.scatter(x, y, c=err, s=2.5, norm=norm, cmap="viridis", linewidths=0)
         ax.set_title(f"{name}: {fmt(summary['losses'][name]['final_error'])}")
         ax.set_aspect("equal")
         ax.set_xticks([7, 10, 13])
@@ -156,7 +168,7 @@ def plot_map(path: str, summary: dict, centres: torch.Tensor, point_errors: dict
         ax.axis("off")
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.85, label="final error summed over 343 cases")
     fig.suptitle(f"final error per anchor centre, {summary['mode']} directions, t = {summary['iterations']}")
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    save_png(fig, path, dpi=90)
     plt.close(fig)
 
 
