@@ -37,6 +37,7 @@ from .losses import (
     l2_loss,
     smooth_l1_loss,
 )
+from .nms import batched_diou_nms, diou_nms
 
 __version__ = "0.1.0"
 
@@ -72,4 +73,6 @@ __all__ = [
     "l1_loss",
     "l2_loss",
     "smooth_l1_loss",
+    "batched_diou_nms",
+    "diou_nms",
 ]

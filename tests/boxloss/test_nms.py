@@ -1,0 +1,381 @@
+"""DIoU-NMS: exact equality with a plain greedy reference, torchvision parity, hand-worked cases,
+edge cases and argument errors.
+
+The reference is the sequential greedy definition written independently of boxloss: Python visits
+the boxes by (-score, index) and computes each kept box's row of values with numpy in the boxes'
+compute dtype, with the same operations in the same order as the library (so the values are equal
+bit for bit), and compares them with the threshold as exact real numbers.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchvision.ops as tv
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import boxloss
+import boxloss.nms as nms_mod
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+# ---------------------------------------------------------------- reference
+
+
+def _values(i, b, beta, distance):
+    """Suppression value of box ``b[i]`` against every box of ``b`` (numpy, ``b``'s dtype)."""
+    x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
+    area = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)
+    iw = np.maximum(np.minimum(x2[i], x2) - np.maximum(x1[i], x1), 0)
+    ih = np.maximum(np.minimum(y2[i], y2) - np.maximum(y1[i], y1), 0)
+    inter = iw * ih
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = inter / (area[i] + area - inter)  # torchvision's IoU; 0 / 0 = NaN never suppresses
+        if not distance or beta == math.inf:
+            return iou
+        cw = np.maximum(x2[i], x2) - np.minimum(x1[i], x1)
+        ch = np.maximum(y2[i], y2) - np.minimum(y1[i], y1)
+        c2 = cw * cw + ch * ch
+        dx = (x1 + x2) - (x1[i] + x2[i])
+        dy = (y1 + y2) - (y1[i] + y2[i])
+        r = (dx * dx + dy * dy) * b.dtype.type(0.25) / c2
+        if beta != 1.0:
+            r = r**beta
+        return iou - r
+
+
+def greedy_reference(boxes, scores, iou_threshold, idxs=None, beta=1.0, distance=True):
+    """The sequential greedy definition: ranks by (-score, index); a kept box suppresses every later
+    box of its category whose value exceeds the threshold (compared as exact reals)."""
+    b = boxes.detach().cpu()
+    b = (b.double() if b.dtype == torch.float64 else b.float()).numpy()
+    s = scores.detach().cpu().double().tolist()
+    c = idxs.detach().cpu().tolist() if idxs is not None else [0] * len(s)
+    order = sorted(range(len(s)), key=lambda k: (-s[k], k))
+    suppressed = [False] * len(s)
+    keep = []
+    for i in order:
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        row = _values(i, b, beta, distance).astype(np.float64)  # exact: widening is exact
+        for j in np.nonzero(row > iou_threshold)[0].tolist():
+            if c[j] == c[i]:
+                suppressed[j] = True
+    return torch.tensor(keep, dtype=torch.int64)
+
+
+# ---------------------------------------------------------------- random cases
+
+
+def random_case(g: torch.Generator, n: int, dtype=torch.float32):
+    """Boxes on a grid of 1/4 (so many IoU and DIoU values are exact dyadic numbers that can sit
+    exactly at a threshold), in clusters, with tied scores and duplicates, or on a random scale."""
+    kind = int(torch.randint(0, 4, (1,), generator=g))
+    if kind == 0:  # small integer grid: many exact ties of geometry
+        xy = torch.randint(0, 6, (n, 2), generator=g).float()
+        wh = torch.randint(1, 5, (n, 2), generator=g).float()
+    elif kind == 1:  # quarter grid, clustered around a few centres
+        k = max(1, n // 8)
+        centre = torch.randint(0, 160, (k, 2), generator=g).float() / 4
+        which = torch.randint(0, k, (n,), generator=g)
+        wh = torch.randint(4, 40, (n, 2), generator=g).float() / 4
+        xy = centre[which] - wh / 2 + torch.randint(-4, 5, (n, 2), generator=g).float() / 4
+    elif kind == 2:  # nested boxes sharing a centre (rho = 0: DIoU = IoU exactly, e.g. 1/4, 1/2)
+        centre = torch.randint(0, 20, (n, 2), generator=g).float() * 2
+        half = torch.randint(1, 5, (n, 2), generator=g).float()
+        xy, wh = centre - half, 2 * half
+    else:  # continuous
+        xy = torch.rand(n, 2, generator=g) * 50
+        wh = torch.rand(n, 2, generator=g) * 20 + 0.5
+    boxes = torch.cat([xy, xy + wh], 1)
+    if n > 1 and bool(torch.rand(1, generator=g) < 0.3):  # exact duplicates
+        dup = torch.randint(0, n, (n // 3,), generator=g)
+        boxes[torch.randint(0, n, (n // 3,), generator=g)] = boxes[dup]
+    if bool(torch.rand(1, generator=g) < 0.4):
+        scores = torch.randint(0, 4, (n,), generator=g).float() / 4  # many ties
+    else:
+        scores = torch.rand(n, generator=g)
+    return boxes.to(dtype), scores
+
+
+THRESHOLDS = (0.0, 0.25, 0.3, 1 / 3, 0.5, 0.6, 0.7, 0.75, 0.9)
+PATHS = {
+    # force every code path on small inputs: plain sweep, size-level groups, staged greedy, chunks
+    "default": {},
+    "plain": {"_DENSE_MEAN_WINDOW": math.inf},
+    "levels+stages": {"_DENSE_MEAN_WINDOW": -1.0, "_STAGE_MIN": 4, "_CHUNK_SLOTS": 64, "_SEQUENTIAL_EDGES": 0},
+    "stages, python finish": {"_DENSE_MEAN_WINDOW": -1.0, "_STAGE_MIN": 2, "_SEQUENTIAL_EDGES": 10**9},
+}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("batched", [False, True], ids=["single", "batched"])
+def test_equals_greedy_reference_random(path, batched, monkeypatch):
+    """4 paths x 2 x 160 = 1,280 random cases, exactly equal to the reference (indices and order)."""
+    for name, value in PATHS[path].items():
+        monkeypatch.setattr(nms_mod, name, value)
+    g = torch.Generator().manual_seed(2 * list(PATHS).index(path) + batched)
+    for case in range(160):
+        n = int(torch.randint(0, 70, (1,), generator=g)) if case % 20 else 300
+        dtype = torch.float64 if case % 7 == 3 else torch.float32
+        boxes, scores = random_case(g, n, dtype)
+        t = THRESHOLDS[case % len(THRESHOLDS)]
+        beta = (1.0, 1.0, 1.0, 0.5, 2.0, math.inf)[case % 6]
+        distance = case % 5 != 4
+        idxs = torch.randint(0, 3, (n,), generator=g) if batched else None
+        if idxs is not None:
+            got = boxloss.batched_diou_nms(boxes, scores, idxs, t, beta=beta, distance=distance)
+        else:
+            got = boxloss.diou_nms(boxes, scores, t, beta=beta, distance=distance)
+        want = greedy_reference(boxes, scores, t, idxs, beta, distance)
+        assert got.dtype == torch.int64
+        assert torch.equal(got, want), f"case {case}: n={n} t={t} beta={beta} distance={distance} {dtype}"
+
+
+def test_exactly_at_threshold():
+    # [0,0,2,1] vs [0,0,1,1]: inter 1, union 2, IoU = 1/2 exactly; centres (1, .5), (.5, .5):
+    # rho^2 = 1/4, c^2 = 2^2 + 1^2 = 5, DIoU = 1/2 - 1/20 = 0.45
+    boxes = torch.tensor([[0.0, 0, 2, 1], [0, 0, 1, 1]])
+    scores = torch.tensor([0.9, 0.8])
+    assert boxloss.diou_nms(boxes, scores, 0.5, distance=False).tolist() == [0, 1]  # 1/2 is not > 1/2
+    assert boxloss.diou_nms(boxes, scores, 0.4999, distance=False).tolist() == [0]
+    # in float32 the DIoU is 0.5 - 0.05 -> 0.449999988 < 0.45 (the double): kept
+    assert boxloss.diou_nms(boxes, scores, 0.45).tolist() == [0, 1]
+    assert boxloss.diou_nms(boxes, scores, 0.449).tolist() == [0]
+    # nested, same centre: [0,0,4,4] and [1,1,3,3], IoU = 4/16, rho = 0: DIoU = 1/4 exactly
+    boxes = torch.tensor([[0.0, 0, 4, 4], [1, 1, 3, 3]])
+    assert boxloss.diou_nms(boxes, scores, 0.25).tolist() == [0, 1]
+    assert boxloss.diou_nms(boxes, scores, 0.2499999).tolist() == [0]
+
+
+def test_threshold_compared_as_a_real_number():
+    # IoU = 1/3 is computed in float32 as 0.3333333433 > 1/3 (the double 0.333...): suppressed, as
+    # torchvision's CPU kernel does; comparing in float32 (float32(1/3) == value) would keep it
+    boxes = torch.tensor([[0.0, 0, 2, 1], [1, 0, 3, 1]])  # inter 1, union 3
+    scores = torch.tensor([0.9, 0.8])
+    assert boxloss.diou_nms(boxes, scores, 1 / 3, distance=False).tolist() == [0]
+    assert tv.nms(boxes, scores, 1 / 3).tolist() == [0]
+
+
+# ---------------------------------------------------------------- torchvision parity
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 10, 100, 1000, 3000])
+def test_plain_mode_equals_torchvision(n):
+    g = torch.Generator().manual_seed(n)
+    for t in (0.0, 0.3, 0.5, 0.7, 0.9):
+        xy = torch.rand(n, 2, generator=g) * 300
+        wh = torch.rand(n, 2, generator=g) * torch.tensor([80.0, 60.0]) + 1
+        jitter = torch.randn(n, 4, generator=g)
+        boxes = torch.cat([xy, xy + wh], 1)
+        boxes = torch.cat([boxes[: n // 2], boxes[: n - n // 2] + jitter[: n - n // 2]])  # clusters
+        boxes = torch.cat([torch.minimum(boxes[:, :2], boxes[:, 2:]), torch.maximum(boxes[:, :2], boxes[:, 2:])], 1)
+        scores = torch.randperm(n, generator=g).float() / max(n, 1)  # distinct: torchvision's order is defined
+        idxs = torch.randint(0, 5, (n,), generator=g)
+        assert torch.equal(boxloss.diou_nms(boxes, scores, t, distance=False), tv.nms(boxes, scores, t))
+        assert torch.equal(
+            boxloss.batched_diou_nms(boxes, scores, idxs, t, distance=False), tv.batched_nms(boxes, scores, idxs, t)
+        )
+
+
+def test_dense_detector_like_inputs_equal_reference_and_torchvision():
+    # large clusters, 4,000 boxes: exercises the staged greedy and the size-level groups by default
+    g = torch.Generator().manual_seed(7)
+    n_obj, per = 40, 100
+    centre = torch.rand(n_obj, 2, generator=g) * 800
+    size = torch.exp(torch.empty(n_obj, 2).uniform_(3, 5.5, generator=g))
+    obj = torch.cat([centre - size / 2, centre + size / 2], 1).repeat_interleave(per, 0)
+    boxes = obj + 0.1 * size.repeat_interleave(per, 0).repeat(1, 2) * torch.randn(n_obj * per, 4, generator=g)
+    boxes = torch.cat([torch.minimum(boxes[:, :2], boxes[:, 2:]), torch.maximum(boxes[:, :2], boxes[:, 2:])], 1)
+    scores = torch.randperm(n_obj * per, generator=g).float()
+    for t in (0.5, 0.7):
+        assert torch.equal(boxloss.diou_nms(boxes, scores, t, distance=False), tv.nms(boxes, scores, t))
+        assert torch.equal(boxloss.diou_nms(boxes, scores, t), greedy_reference(boxes, scores, t))
+    idxs = torch.randint(0, 3, (n_obj * per,), generator=g)
+    assert torch.equal(boxloss.batched_diou_nms(boxes, scores, idxs, 0.5), greedy_reference(boxes, scores, 0.5, idxs))
+
+
+# ---------------------------------------------------------------- semantics
+
+
+def test_hand_worked_adjacent_objects():
+    # two wide boxes side by side, [0,0,10,1] and [3,0,13,1]: inter 7, union 13, IoU = 7/13 = 0.538;
+    # centres 5 and 8: rho^2 = 9; enclosing [0,0,13,1]: c^2 = 169 + 1 = 170; DIoU = 0.538 - 0.053 = 0.485
+    boxes = torch.tensor([[0.0, 0, 10, 1], [3, 0, 13, 1]])
+    scores = torch.tensor([0.8, 0.9])
+    assert boxloss.diou_nms(boxes, scores, 0.5).tolist() == [1, 0]  # DIoU <= 0.5: both kept
+    assert boxloss.diou_nms(boxes, scores, 0.5, distance=False).tolist() == [1]  # IoU > 0.5: one removed
+    assert tv.nms(boxes, scores, 0.5).tolist() == [1]
+    assert boxloss.diou_nms(boxes, scores, 0.48).tolist() == [1]  # 0.485 > 0.48
+    # beta = 2: penalty (9/170)^2 = 0.0028, DIoU = 0.536 > 0.5: removed again
+    assert boxloss.diou_nms(boxes, scores, 0.5, beta=2.0).tolist() == [1]
+
+
+def test_large_beta_is_plain_nms():
+    g = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        boxes, scores = random_case(g, 60)
+        plain = boxloss.diou_nms(boxes, scores, 0.5, distance=False)
+        assert torch.equal(boxloss.diou_nms(boxes, scores, 0.5, beta=1e6), plain)
+        assert torch.equal(boxloss.diou_nms(boxes, scores, 0.5, beta=math.inf), plain)
+
+
+def test_batched_never_suppresses_across_categories():
+    boxes = torch.tensor([[0.0, 0, 10, 10]] * 4 + [[1, 1, 11, 11]] * 2)
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    idxs = torch.tensor([0, 1, 2, 0, 1, 2])
+    # identical boxes in different categories all survive; within a category the best one wins
+    assert boxloss.batched_diou_nms(boxes, scores, idxs, 0.5).tolist() == [0, 1, 2]
+    # equals per-category NMS merged by score, on random data with far-apart category ids
+    g = torch.Generator().manual_seed(5)
+    for _ in range(30):
+        boxes, scores = random_case(g, 80)
+        scores = scores + torch.arange(80) * 1e-4  # distinct, to merge by score
+        idxs = torch.randint(0, 4, (80,), generator=g) * 2**40 - 2**41
+        got = boxloss.batched_diou_nms(boxes, scores, idxs, 0.5)
+        per = [m.nonzero().squeeze(1) for m in (idxs[:, None] == idxs.unique()[None]).t()]
+        want = torch.cat([p[boxloss.diou_nms(boxes[p], scores[p], 0.5)] for p in per])
+        assert torch.equal(got, want[scores[want].argsort(descending=True)])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(0, 2**16),
+    st.integers(-3, 3),
+    st.sampled_from([-8.0, 0.0, 0.25, 100.0]),
+    st.sampled_from([0.3, 0.5, 0.7]),
+)
+def test_invariant_to_exact_rescaling_and_translation(seed, log_scale, shift, t):
+    # scaling by a power of two and shifting by a small dyadic number are exact in float64 here,
+    # and DIoU is scale- and translation-invariant: the kept indices must not change
+    g = torch.Generator().manual_seed(seed)
+    boxes, scores = random_case(g, 40, torch.float64)
+    idxs = torch.randint(0, 2, (40,), generator=g)
+    moved = boxes * 2.0**log_scale + shift
+    assert torch.equal(
+        boxloss.batched_diou_nms(moved, scores, idxs, t), boxloss.batched_diou_nms(boxes, scores, idxs, t)
+    )
+
+
+# ---------------------------------------------------------------- edge cases
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_one_box_and_all_equal_scores(device):
+    empty = torch.zeros(0, 4, device=device)
+    for out in (
+        boxloss.diou_nms(empty, torch.zeros(0, device=device), 0.5),
+        boxloss.batched_diou_nms(empty, torch.zeros(0, device=device), torch.zeros(0, dtype=torch.int64, device=device), 0.5),
+    ):
+        assert out.shape == (0,) and out.dtype == torch.int64 and out.device.type == device
+    one = torch.tensor([[1.0, 2, 3, 4]], device=device)
+    assert boxloss.diou_nms(one, torch.tensor([0.3], device=device), 0.5).tolist() == [0]
+    # all-equal scores: visited by index; box 1 overlaps box 0 (IoU 0.81) and is dropped
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 9], [20, 20, 30, 30], [20, 20, 30, 29]], device=device)
+    scores = torch.ones(4, device=device)
+    assert boxloss.diou_nms(boxes, scores, 0.5).tolist() == [0, 2]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_random_cases_on_device(device):
+    g = torch.Generator().manual_seed(11)
+    for case in range(40):
+        boxes, scores = random_case(g, 50)
+        idxs = torch.randint(0, 3, (50,), generator=g)
+        t = THRESHOLDS[case % len(THRESHOLDS)]
+        got = boxloss.batched_diou_nms(boxes.to(device), scores.to(device), idxs.to(device), t)
+        assert got.device.type == device
+        assert torch.equal(got.cpu(), greedy_reference(boxes, scores, t, idxs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int32])
+def test_low_precision_and_integer_boxes_computed_in_float32(dtype):
+    g = torch.Generator().manual_seed(2)
+    boxes, scores = random_case(g, 200)
+    low = (boxes * 4).round().to(dtype)  # representable in every dtype here
+    want = boxloss.diou_nms(low.float(), scores, 0.5)
+    assert torch.equal(boxloss.diou_nms(low, scores, 0.5), want)
+    assert torch.equal(want, greedy_reference(low.float(), scores, 0.5))
+    assert torch.equal(boxloss.diou_nms(low.float(), scores.to(torch.float16), 0.5),
+                       greedy_reference(low.float(), scores.to(torch.float16), 0.5))
+
+
+def test_degenerate_boxes_neither_suppress_nor_get_suppressed():
+    boxes = torch.tensor(
+        [
+            [0.0, 0, 10, 10],
+            [0, 0, 10, 0],  # zero height inside box 0
+            [5, 5, 5, 5],  # a point
+            [5, 5, 5, 5],  # the same point (IoU 0 / 0)
+            [9, 9, 1, 1],  # inverted: zero area
+            [0, 0, 10, 10],  # duplicate of box 0: suppressed
+        ]
+    )
+    scores = torch.tensor([0.5, 0.9, 0.8, 0.7, 0.6, 0.4])
+    assert boxloss.diou_nms(boxes, scores, 0.5).tolist() == [1, 2, 3, 4, 0]
+    assert torch.equal(boxloss.diou_nms(boxes, scores, 0.5), greedy_reference(boxes, scores, 0.5))
+
+
+def test_threshold_extremes():
+    g = torch.Generator().manual_seed(4)
+    boxes, scores = random_case(g, 100)
+    idxs = torch.randint(0, 3, (100,), generator=g)
+    order = sorted(range(100), key=lambda k: (-scores[k].item(), k))
+    assert boxloss.diou_nms(boxes, scores, 1.0).tolist() == order  # IoU <= 1 is never > 1
+    # negative thresholds: disjoint boxes suppress too (dense path)
+    for t in (-0.05, -0.3, -1.5):
+        for distance in (True, False):
+            assert torch.equal(
+                boxloss.batched_diou_nms(boxes, scores, idxs, t, distance=distance),
+                greedy_reference(boxes, scores, t, idxs, distance=distance),
+            )
+
+
+def test_non_contiguous_inputs():
+    g = torch.Generator().manual_seed(9)
+    boxes, scores = random_case(g, 64)
+    wide = torch.cat([boxes, boxes], 1)[:, :4]  # non-contiguous view
+    assert not wide.is_contiguous()
+    assert torch.equal(boxloss.diou_nms(wide, scores[::1], 0.5), boxloss.diou_nms(boxes.contiguous(), scores, 0.5))
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_bad_arguments_raise_with_the_value():
+    b, s, i = torch.zeros(3, 4), torch.zeros(3), torch.zeros(3, dtype=torch.int64)
+    with pytest.raises(TypeError, match="boxes must be a torch.Tensor"):
+        boxloss.diou_nms([[0, 0, 1, 1]], s, 0.5)
+    with pytest.raises(ValueError, match=r"boxes must have shape \[\.\.\., 4\], got \(3, 5\)"):
+        boxloss.diou_nms(torch.zeros(3, 5), s, 0.5)
+    with pytest.raises(ValueError, match=r"boxes must have shape \[N, 4\], got \(2, 3, 4\)"):
+        boxloss.diou_nms(torch.zeros(2, 3, 4), s, 0.5)
+    with pytest.raises(ValueError, match=r"scores must have shape \[N\] = \[3\].*got \(2,\)"):
+        boxloss.diou_nms(b, torch.zeros(2), 0.5)
+    with pytest.raises(ValueError, match=r"scores must have shape \[N\] = \[3\].*got \(3, 1\)"):
+        boxloss.diou_nms(b, torch.zeros(3, 1), 0.5)
+    with pytest.raises(TypeError, match="scores must be a torch.Tensor, got list"):
+        boxloss.diou_nms(b, [0.1, 0.2, 0.3], 0.5)
+    with pytest.raises(ValueError, match=r"idxs must have shape \[N\] = \[3\].*got \(4,\)"):
+        boxloss.batched_diou_nms(b, s, torch.zeros(4, dtype=torch.int64), 0.5)
+    with pytest.raises(TypeError, match="idxs must be an integer tensor.*torch.float32"):
+        boxloss.batched_diou_nms(b, s, torch.zeros(3), 0.5)
+    for bad in (float("nan"), "0.5", None, True):
+        with pytest.raises(ValueError, match=f"iou_threshold must be a real number, got {bad!r}"):
+            boxloss.diou_nms(b, s, bad)
+    for bad in (0.0, -1.0, float("nan"), "1"):
+        with pytest.raises(ValueError, match="beta must be a number > 0"):
+            boxloss.diou_nms(b, s, 0.5, beta=bad)
+    with pytest.raises(TypeError, match="distance must be True or False, got 1"):
+        boxloss.diou_nms(b, s, 0.5, distance=1)
+    assert boxloss.batched_diou_nms(b, s, i, 0.5).tolist() == [0, 1, 2]  # zero-area boxes: all kept
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_device_mismatch_raises():
+    with pytest.raises(ValueError, match="scores is on cpu but boxes is on cuda"):
+        boxloss.diou_nms(torch.zeros(3, 4, device="cuda"), torch.zeros(3), 0.5)
