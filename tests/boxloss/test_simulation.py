@@ -4,6 +4,7 @@ autograd (per step and along whole runs), the published figure at reduced and fu
 import json
 import math
 import os
+import subprocess
 import sys
 
 import pytest
@@ -13,7 +14,7 @@ import boxloss
 from boxloss import simulation as sim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")])]
 IOU_FAMILY = sim.PAPER_LOSSES
 F64 = torch.float64
 
@@ -23,6 +24,22 @@ def xywh(*rows):
 
 
 # ---------------------------------------------------------------- protocol
+
+
+def test_engine_imports_with_torch_only():
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torchvision', 'mmengine', 'matplotlib', 'PIL', 'pycocotools'):\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from boxloss import simulation\n"
+        "print(simulation.num_cases(5000))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1715000"
 
 
 def test_protocol_size_and_cases():
