@@ -1,31 +1,33 @@
 """Analytic-gradient kernels for the IoU-family losses (IoU, GIoU, DIoU, CIoU) of matched box pairs.
 
 :func:`iou_family_loss` computes the per-pair loss *and* its gradient with respect to both boxes in
-one forward sweep and saves only the gradient, 6 numbers per pair, for backward; backward is one
-scaled copy of them into the ``[N, 4]`` gradients. Values and gradients equal the plain-autograd
-formulation ``boxloss.boxes._iou_family(..., pairwise=False)`` (itself torchvision's losses, with
-clamped widths/heights for degenerate boxes), tie semantics of ``torch.max``/``torch.min``
-included, to rounding.
+one forward sweep and saves only the gradient, 6 numbers per pair, for backward; backward scales
+them by the incoming gradient and writes the ``[N, 4]`` gradients. Values and gradients equal the
+plain-autograd formulation ``boxloss.boxes._iou_family(..., pairwise=False)`` (torchvision's
+losses, with widths/heights clamped at 0 for degenerate boxes), including the tie semantics of
+``torch.max``/``torch.min`` and the subgradients of ``clamp``, to rounding.
 
-How it is fast without a compiler (eager PyTorch ops only; every op writes into a preallocated
-buffer):
+How it is fast without a compiler (eager PyTorch ops only, each writing into a preallocated row):
 
-* **q-form columns.** Each box ``(x1, y1, x2, y2)`` becomes the column ``(-x1, -y1, x2, y2)``.
-  In this form the intersection box is the elementwise *min* of the two boxes' columns, the
-  enclosing box the elementwise *max*, and every size is ``hi + lo`` -- one op over 4 rows
-  instead of four, and bit-identical to ``min(x2, x2g) - max(x1, x1g)``.
-* **Chunks that stay in cache.** Pairs are processed ``chunk`` at a time (default 32k float32 pairs
-  on CPU: the ~40 rows of workspace fit in L2); the transposition into columns happens per chunk,
-  so the inputs are read once from memory and the gradient rows written once.
+* **Coordinate rows, chunk by chunk.** A chunk of pairs is transposed once into rows (x1, y1,
+  x2, y2) per box, so every later op runs on contiguous rows and handles x and y together
+  (``[2, c]`` or ``[2, 2, c]`` blocks). The workspace (~80 rows per chunk) is allocated once per
+  thread and reused, and every view of it is built once: a view costs about as much Python as an
+  op on a few thousand numbers.
 * **Six saved numbers per pair.** The IoU family is translation invariant, so per axis the four
-  coordinate gradients sum to zero: backward reconstructs the target's ``x2, y2`` gradient from the
-  other six. When ``target`` needs no gradient, only the prediction's four are kept.
-* **Ties.** ``torch.max``/``torch.min`` split the gradient evenly on ties; in q-form the weight of
-  the prediction in the intersection is ``heaviside(q_target - q_pred, 0.5)`` (1, 0 or 1/2), and
-  ``torch.lerp`` selects between the intersection and enclosing-box gradients exactly at 0 and 1.
+  coordinate gradients sum to zero: backward rebuilds the target's (x2, y2) gradient from the
+  other six. When ``target`` needs no gradient only the prediction's four are kept. In float32
+  that is 24 (16) bytes per pair, against ~112-152 for torchvision's autograd tape.
+* **Ties.** ``torch.max``/``torch.min`` split the gradient evenly between equal inputs. The
+  prediction's weight in the intersection edge is ``0.5 + 0.5 * sign(x1 - x1g)`` (1, 0 or 1/2;
+  for x2 the sign of x2g - x2), and ``torch.lerp`` between the intersection and enclosing-box
+  gradients selects exactly at weights 0 and 1.
+* **Sign bookkeeping.** The kernel differentiates -L (the metric itself for the linear losses),
+  which saves a negation per term, and stores rows for q = (-x1, -y1, x2, y2), where a width is
+  q_lo + q_hi; backward folds both signs into one per-row constant.
 
-The loss values (and gradients) per kind, with I the intersection, U the union, C the enclosing
-box, rho the centre distance, c its diagonal and eps guarding every division::
+The loss values per kind, with I the intersection, U the union, C the enclosing box, rho the
+distance between the centres and c the diagonal of C (eps guards every division, as in torchvision)::
 
     iou   1 - I / (U + eps)                          (mode="log": -ln(I / (U + eps) + eps))
     giou  1 - IoU + (|C| - U) / (|C| + eps)
@@ -130,24 +132,20 @@ class _Workspace:
 
     # name: shape without the trailing chunk dimension
     _SHAPES = {
-        "Q": (4, 2, 2),  # groups: pred, target, intersection, enclosing; rows (lo|hi, x|y)
+        # groups: pred, target, intersection, enclosing; rows (lo|hi, x|y). Dead once the sizes and
+        # tie signs are taken: the gradient's last temporaries (WI, T, B) and backward reuse them.
+        "Q": (4, 2, 2),
         "SZ": (4, 2),  # (w, h) of pred, target, intersection, enclosing, unclamped
         "CL": (3, 2),  # clamped at 0: pred, target, intersection
         "P": (3,),  # products of CL: A1, A2, inter
         "D": (2, 2),  # (x1 - x1g, y1 - y1g, x2g - x2, y2g - y2), then its sign
-        "WI": (2, 2),  # weight of the prediction in the intersection min: 1, 0 or 1/2 at ties
-        "MK": (3, 2),  # clamp / intersection masks
-        "F": (3, 2),  # d(area)/d(size): flipped clamped sizes times masks
-        "GWH": (2, 2),  # dL/d(w, h) of pred and target (unclamped)
-        "GI": (2,),  # dL/d(iw, ih)
-        "GE": (2,),  # dL/d(cw, ch)
-        "H": (2,),  # DIoU/CIoU: half centre offsets, then dL/d(centre offset)
-        "T": (2, 2),  # lerp of GI / GE by the tie weights
-        "B": (2, 2),  # GWH[0] -/+ Grx
+        "MK": (3, 2),  # clamp masks, then (in place) d(area)/d(size), then d(-L)/d(size)
+        "GE": (2,),  # d(-L)/d(cw, ch)
+        "H": (2,),  # DIoU/CIoU: half centre offsets, then d(-L)/d(centre offset)
         "A": (2, 2),  # CIoU: h + eps, then atan(w / (h + eps))
         "X": (2, 2),  # CIoU: aspect-gradient scratch
+        "GWH": (2, 2),  # CIoU: d(-L)/d(w, h) of pred and target before the clamp mask
         "S": (18,),  # per-pair scalars
-        "BW": (8,),  # backward: scaled gradient rows
     }
 
     # Rows are cap + _PAD long. Besides alignment this keeps a [4, c] block of rows from being
@@ -177,7 +175,7 @@ class _Workspace:
 
     def _build(self, c: int) -> SimpleNamespace:
         b = {k: v[..., :c] for k, v in self.buf.items()}
-        Q, SZ, CL, P, MK, F, GWH, S = (b[k] for k in ("Q", "SZ", "CL", "P", "MK", "F", "GWH", "S"))
+        Q, SZ, CL, P, MK, GWH, S = (b[k] for k in ("Q", "SZ", "CL", "P", "MK", "GWH", "S"))
         w = SimpleNamespace(**b)
         w.Q0f, w.Q1f = Q[0].flatten(0, 1), Q[1].flatten(0, 1)  # [4, c] targets of the transposition
         w.Q01hi, w.Q01lo, w.Q23hi, w.Q23lo = Q[0:2, 1], Q[0:2, 0], Q[2:4, 1], Q[2:4, 0]
@@ -191,21 +189,22 @@ class _Workspace:
         w.iw_c, w.ih_c = CL[2].unbind(0)
         w.a1, w.a2, w.inter = P.unbind(0)
         w.D0, w.D1 = b["D"].unbind(0)
-        w.WI0 = b["WI"][0]
         w.MK01, w.MK2, w.MKw, w.MKh = MK[0:2], MK[2], MK[0:2, 0], MK[0:2, 1]
         w.MK2_0, w.MK2_1 = MK[2].unbind(0)
-        w.F2, w.F01, w.F01_0, w.F01_1 = F[2], F[0:2], F[0:2, 0], F[0:2, 1]
-        w.F2_0, w.F2_1 = F[2].unbind(0)
-        w.GWH0, w.GWH1, w.GWH_w, w.GWH_h = GWH[0], GWH[1], GWH[:, 0], GWH[:, 1]
         w.GE0, w.GE1 = b["GE"].unbind(0)
         w.H0, w.H1 = b["H"].unbind(0)
-        w.B0, w.B1 = b["B"].unbind(0)
         w.he, w.at = b["A"].unbind(0)
         w.at0, w.at1 = b["A"][1].unbind(0)
         w.aq, w.den = b["X"].unbind(0)
+        w.GWH_w, w.GWH_h = GWH[:, 0], GWH[:, 1]
         w.s = S.unbind(0)
         w.s01, w.s23, w.s1112 = S[0:2], S[2:4], S[11:13]
-        w.bw6, w.bw_hi, w.bw = b["BW"][0:6], b["BW"][6:8], b["BW"]
+        # late temporaries in the dead coordinate rows
+        w.B, w.WI, w.T = Q[0], Q[2], Q[3]  # [lo|hi, x|y, c] each
+        w.B0, w.B1 = Q[0].unbind(0)
+        w.WI0 = Q[2, 0]
+        w.bw = Q[0:2].flatten(0, 2)  # backward: [8, c] coordinate gradients of pred and target
+        w.bw6, w.bw_hi = w.bw[0:6], w.bw[6:8]
         return w
 
 
@@ -372,9 +371,9 @@ def _chunk(
         torch.gt(w.SZ01, 0, out=w.MK01)
     torch.gt(w.SZ2, 0, out=w.MK2)  # the intersection mask is strict (torchvision's)
     # d(inter)/d(iw) = ih * [iw > 0] * [ih > 0] = relu(ih) * [iw > 0]
-    torch.mul(w.ih_c, w.MK2_0, out=w.F2_0)
-    torch.mul(w.iw_c, w.MK2_1, out=w.F2_1)
-    torch.mul(w.F2, m_i, out=w.GI)  # [2, c]: d(-L)/d(iw, ih)
+    w.MK2_0.mul_(w.ih_c)
+    w.MK2_1.mul_(w.iw_c)
+    GI = w.MK2.mul_(m_i)  # [2, c]: d(-L)/d(iw, ih)
 
     # enclosing box: gradient w.r.t. its (cw, ch), and the centre term
     g_c = s[15]
@@ -404,11 +403,11 @@ def _chunk(
         # d(-L)/dw_b = m_u h_b + aq_b hv_b ;  d(-L)/dh_b = (m_u - aq_b) w_b
         torch.mul(hv, w.aq, out=w.GWH_w).addcmul_(w.hb, m_u)
         torch.sub(m_u, w.aq, out=w.GWH_h).mul_(w.wb)
-        w.GWH.mul_(w.MK01)
+        GWH = w.MK01.mul_(w.GWH)  # masked by the clamp
     else:
-        torch.mul(w.hb, w.MKw, out=w.F01_0)
-        torch.mul(w.wb, w.MKh, out=w.F01_1)
-        torch.mul(w.F01, m_u, out=w.GWH)
+        w.MKw.mul_(w.hb)  # d(area)/dw = h [w > 0]
+        w.MKh.mul_(w.wb)
+        GWH = w.MK01.mul_(m_u)  # [2 boxes, w|h, c]
 
     # q-form coordinate gradients. For q-row (lo|hi, x|y) of the prediction:
     #   d/dq = d/dw + WI d/diw + (1 - WI) d/dcw (-/+ d/d(centre offset) for lo/hi)
@@ -423,22 +422,22 @@ def _chunk(
     torch.add(k.half, w.D, alpha=0.5, out=w.WI)
     g1 = grad[0:4].unflatten(0, (2, 2))  # [lo|hi, x|y, c]
     if box:
-        torch.lerp(w.GE, w.GI, w.WI, out=w.T)  # exact at WI in {0, 1}
+        torch.lerp(w.GE, GI, w.WI, out=w.T)  # exact at WI in {0, 1}
     else:
-        torch.mul(w.GI, w.WI, out=w.T)
+        torch.mul(GI, w.WI, out=w.T)
     if centre:
-        torch.sub(w.GWH0, g_rho, out=w.B0)
-        torch.add(w.GWH0, g_rho, out=w.B1)
+        torch.sub(GWH[0], g_rho, out=w.B0)
+        torch.add(GWH[0], g_rho, out=w.B1)
         torch.add(w.T, w.B, out=g1)
     else:
-        torch.add(w.T, w.GWH0, out=g1)
+        torch.add(w.T, GWH[0], out=g1)
     if grad.shape[0] == 6:  # target lo rows; its hi rows follow from translation invariance in backward
         g2 = grad[4:6]
         if box:
-            torch.lerp(w.GI, w.GE, w.WI0, out=g2)
+            torch.lerp(GI, w.GE, w.WI0, out=g2)
         else:
-            torch.sub(k.one, w.WI0, out=g2).mul_(w.GI)
-        g2.add_(w.GWH1)
+            torch.sub(k.one, w.WI0, out=g2).mul_(GI)
+        g2.add_(GWH[1])
         if centre:
             g2.add_(g_rho)
 

@@ -8,13 +8,16 @@ For each device, number of pairs N and loss it times, in the same run and interl
 repeat (so both see the same machine load), ``boxloss``'s loss and ``torchvision.ops``' counterpart
 with ``reduction="mean"``:
 
-* ``fwd``: the forward with inputs that require grad (the training forward);
-* ``fwd+bwd``: forward and ``backward()``;
+* ``fwd+bwd``: forward and ``backward()`` (the acceptance figure);
+* ``fwd``: the forward with inputs that require grad (the training forward: ours computes the
+  gradient here, so this is most of its fwd+bwd time);
+* ``no-grad``: the forward under ``torch.no_grad()`` (evaluation), as a ratio only;
 
 and reports medians over ``--repeats`` after ``--warmup`` runs, the ratio ours / torchvision, and
 the bytes of the tensors autograd saves for backward (counted with
 ``torch.autograd.graph.saved_tensors_hooks``: the sum of ``numel * element_size`` of every saved
-tensor). Both boxes require grad. torchvision has no plain IoU loss: its counterpart here is
+tensor). Both boxes require grad (``--pred-only``: only the prediction, the training case).
+torchvision has no plain IoU loss: its counterpart here is
 ``1 - I / (U + eps)`` built from ``torchvision.ops._utils._loss_inter_union`` (the helper its losses
 use), marked "tv-style".
 
@@ -78,7 +81,7 @@ def make_pairs(n: int, device: str, seed: int = 0) -> tuple[torch.Tensor, torch.
     return out[0], out[1]
 
 
-def saved_bytes(fn, pred, target) -> int:
+def saved_bytes(fn, pred, target, target_grad: bool) -> int:
     """Bytes of the tensors autograd saves for backward during ``fn(pred, target)``."""
     total = 0
 
@@ -87,24 +90,29 @@ def saved_bytes(fn, pred, target) -> int:
         total += t.numel() * t.element_size()
         return t
 
-    p, t = pred.detach().requires_grad_(), target.detach().requires_grad_()
+    p, t = pred.detach().requires_grad_(), target.detach().requires_grad_(target_grad)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn(p, t)
     return total
 
 
-def time_pair(fns: dict, pred, target, backward: bool, repeats: int, warmup: int, cuda: bool) -> dict:
-    """Median seconds of each function, interleaved run by run so both see the same load."""
+def time_pair(fns: dict, pred, target, mode: str, repeats: int, warmup: int, cuda: bool, target_grad: bool) -> dict:
+    """Median seconds of each function, interleaved run by run so all see the same machine load.
+
+    ``mode``: ``"fwd"`` (inputs require grad), ``"fwd+bwd"``, or ``"no-grad"`` (under torch.no_grad).
+    """
     times = {k: [] for k in fns}
-    p, t = pred.detach().clone().requires_grad_(), target.detach().clone().requires_grad_()
+    p = pred.detach().clone().requires_grad_(mode != "no-grad")
+    t = target.detach().clone().requires_grad_(mode != "no-grad" and target_grad)
     for i in range(warmup + repeats):
         for name, fn in fns.items():
             p.grad = t.grad = None
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            loss = fn(p, t)
-            if backward:
+            with torch.set_grad_enabled(mode != "no-grad"):
+                loss = fn(p, t)
+            if mode == "fwd+bwd":
                 loss.backward()
             if cuda:
                 torch.cuda.synchronize()
@@ -142,6 +150,8 @@ def main(argv=None) -> None:
     ap.add_argument("--losses", nargs="+", choices=list(OURS), default=list(OURS), help="losses to time")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU (2: the CI machine)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random box pairs")
+    ap.add_argument("--pred-only", action="store_true",
+                    help="only the prediction requires grad (the training case); default: both boxes")
     args = ap.parse_args(argv)
     if args.repeats < 5:
         ap.error(f"--repeats must be >= 5, got {args.repeats}")
@@ -149,13 +159,14 @@ def main(argv=None) -> None:
     if "cuda" in devices and not torch.cuda.is_available():
         ap.error("--device cuda given but torch.cuda.is_available() is False")
     torch.set_num_threads(args.threads)
+    target_grad = not args.pred_only
 
     for device in devices:
         print(f"\n{machine_line(device)}; median of {args.repeats} after {args.warmup} warm-up runs, "
-              "reduction='mean', both boxes require grad\n")
-        print("| device | pairs | loss | torchvision peer | fwd ours ms | fwd tv ms | fwd ratio "
-              "| fwd+bwd ours ms | fwd+bwd tv ms | fwd+bwd ratio | saved ours MB | saved tv MB | saved ratio |")
-        print("|" + " --- |" * 13)
+              f"reduction='mean', {'both boxes require' if target_grad else 'only the prediction requires'} grad\n")
+        print("| device | pairs | loss | torchvision peer | fwd+bwd ours ms | fwd+bwd tv ms | fwd+bwd ratio "
+              "| fwd ours ms | fwd tv ms | fwd ratio | no-grad ratio | saved ours MB | saved tv MB | saved ratio |")
+        print("|" + " --- |" * 14)
         for size in args.sizes:
             n = int(size)
             pred, target = make_pairs(n, device, args.seed)
@@ -165,17 +176,22 @@ def main(argv=None) -> None:
                     "ours": lambda p, t, f=OURS[name]: f(p, t, reduction="mean"),
                     "tv": lambda p, t, f=peer: f(p, t, reduction="mean"),
                 }
-                cuda = device == "cuda"
-                fwd = time_pair(fns, pred, target, False, args.repeats, args.warmup, cuda)
-                both = time_pair(fns, pred, target, True, args.repeats, args.warmup, cuda)
-                mem = {k: saved_bytes(f, pred, target) for k, f in fns.items()}
+                timed = {
+                    mode: time_pair(fns, pred, target, mode, args.repeats, args.warmup, device == "cuda", target_grad)
+                    for mode in ("fwd+bwd", "fwd", "no-grad")
+                }
+                both, fwd, nog = timed["fwd+bwd"], timed["fwd"], timed["no-grad"]
+                mem = {k: saved_bytes(f, pred, target, target_grad) for k, f in fns.items()}
                 print(
                     f"| {device} | {n:.0e} | {name} | {peer_name} "
+                    f"| {both['ours'] * 1e3:.2f} | {both['tv'] * 1e3:.2f} | **{both['ours'] / both['tv']:.3f}** "
                     f"| {fwd['ours'] * 1e3:.2f} | {fwd['tv'] * 1e3:.2f} | {fwd['ours'] / fwd['tv']:.3f} "
-                    f"| {both['ours'] * 1e3:.2f} | {both['tv'] * 1e3:.2f} | {both['ours'] / both['tv']:.3f} "
+                    f"| {nog['ours'] / nog['tv']:.3f} "
                     f"| {mem['ours'] / 1e6:.2f} | {mem['tv'] / 1e6:.2f} | {mem['ours'] / mem['tv']:.3f} |",
                     flush=True,
                 )
+        if hasattr(os, "getloadavg"):
+            print("\nload average after: %.2f %.2f %.2f" % os.getloadavg())
 
 
 if __name__ == "__main__":
