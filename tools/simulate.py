@@ -91,6 +91,18 @@ def save_png(fig, path: str, dpi: int) -> None:
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG", optimize=True))
 
 
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one, else the machine type."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def fmt(value: float) -> str:
     return f"{value:.4g}"
 
@@ -115,6 +127,10 @@ def markdown_table(summary: dict) -> str:
         row = [f"`{name}`", fmt(r["final_error"]), *[fmt(curve[t]) for t in cols], "never" if hit is None else str(hit),
                f"{r['seconds']:.1f}"]
         lines.append("| " + " | ".join(row) + " |")
+    load = summary.get("load_average")
+    if load:
+        lines += ["", f"Seconds: wall time per loss on {summary['machine']}, {summary['workers']} worker thread(s), "
+                  f"torch {summary['torch']}; load average {load['start']:.1f} at the start, {load['end']:.1f} at the end."]
     return "\n".join(lines) + "\n"
 
 
@@ -217,10 +233,12 @@ def main(argv=None) -> dict:
         "out": out,
         "cases": sim.num_cases(args.points),
         "chunk_points": args.chunk_points or (128 if device.type == "cpu" else args.points),
-        "workers": args.workers or (torch.get_num_threads() if device.type == "cpu" else 1),
+        # worker threads that actually run: no more than there are chunks
+        "workers": min(args.workers or torch.get_num_threads(), -(-args.points // (args.chunk_points or 128)))
+        if device.type == "cpu" else 1,
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"
+        "machine": f"{cpu_name()}, {os.cpu_count()} CPUs"
         + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
         "load_average_start": [round(v, 2) for v in load_start],
     }
@@ -237,6 +255,9 @@ def main(argv=None) -> dict:
         "dtype": args.dtype,
         "device": str(device),
         "seed": args.seed,
+        "machine": config["machine"],
+        "workers": config["workers"],
+        "torch": torch.__version__,
         "losses": {},
     }
     point_errors, centres = {}, None
@@ -266,7 +287,7 @@ def main(argv=None) -> dict:
         print(f"[{args.mode} {name}] total error {fmt(curve[0])} -> {fmt(r.final_error)} at t={args.iters}, "
               f"{r.seconds:.1f} s", flush=True)
     summary["seconds"] = round(time.perf_counter() - start, 3)
-    summary["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    summary["load_average"] = {"start": round(load_start[0], 2), "end": round(os.getloadavg()[0], 2)}
 
     write_text(os.path.join(out, "summary.json"), json.dumps(summary) + "\n")
     table = markdown_table(summary)
@@ -274,7 +295,7 @@ def main(argv=None) -> dict:
     plot_curves(os.path.join(out, "curves.png"), summary)
     plot_map(os.path.join(out, "final_error_map.png"), summary, centres, point_errors)
     print(table, end="")
-    print(f"[simulate] {summary['seconds']:.1f} s in all, load {summary['load_average_end'][0]:.2f}; wrote "
+    print(f"[simulate] {summary['seconds']:.1f} s in all, load {summary['load_average']['end']:.2f}; wrote "
           f"{out}/summary.json, table.md, curves.png, final_error_map.png, config.json", flush=True)
     return summary
 
