@@ -139,24 +139,10 @@ def box_regression_loss(
     """
     if box_loss in ("l1", "l2", "smooth_l1"):
         target = box_coder.encode_single(gt_boxes, reference_boxes)
-        if box_loss == "l1":
-            return boxloss.l1_loss(deltas, target, reduction="sum")
-        elif box_loss == "l2":
-            return boxloss.l2_loss(deltas, target, reduction="sum")
-        return boxloss.smooth_l1_loss(deltas, target, reduction="sum", beta=SMOOTH_L1_BETA)
+        options = {"beta": SMOOTH_L1_BETA} if box_loss == "smooth_l1" else {}
+        return boxloss.get_loss(box_loss, **options)(deltas, target, reduction="sum")
     pred_boxes = box_coder.decode_single(deltas.float(), reference_boxes.float())
-    gt_boxes = gt_boxes.float()
-    if box_loss == "iou":
-        return boxloss.iou_loss(pred_boxes, gt_boxes, reduction="sum")
-    elif box_loss == "giou":
-        return boxloss.giou_loss(pred_boxes, gt_boxes, reduction="sum")
-    elif box_loss == "diou":
-        return boxloss.diou_loss(pred_boxes, gt_boxes, reduction="sum")
-    elif box_loss == "ciou":
-        return boxloss.ciou_loss(pred_boxes, gt_boxes, reduction="sum")
-    raise ValueError(
-        f"box_loss must be one of {', '.join(map(repr, BOX_LOSSES[1:]))} here; got {box_loss!r}"
-    )
+    return boxloss.get_loss(box_loss)(pred_boxes, gt_boxes.float(), reduction="sum")
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, nms: str, beta: float) -> Tensor:
