@@ -12,26 +12,30 @@ drops one; ``beta -> inf`` (or ``distance=False``) is plain IoU NMS.
 
 How the exact greedy result is reached fast, without a per-box Python loop
 --------------------------------------------------------------------------
-1. Boxes are ranked by a stable sort on decreasing score (equal scores: lower index first).
-2. **Sparse candidate pairs.** For ``iou_threshold >= 0`` only boxes with IoU > threshold can
-   suppress each other (DIoU <= IoU), and IoU > t forces the two boxes to overlap by more than
-   ``t * max(w_i, w_j)`` in x and ``t * max(h_i, h_j)`` in y. Pairs are found by sorted sweeps
-   (``searchsorted`` on a key that also separates classes, the offset trick of
-   ``torchvision.ops.batched_nms`` done on a sort key, so the distance term still sees the
-   original coordinates): either one window on x1, or, when those windows hold many more boxes
-   than can pass, windows on x1 inside groups of similar width and height and bands of y1.
-   The suppression value is then computed, vectorised, on the candidates only.
-3. **Exact resolution of the suppression graph.** The edges i -> j (i ranked before j, value >
-   threshold) form a DAG. A box with no incoming edge is kept; every box it points to is
-   suppressed; edges touching decided boxes are dropped; repeat. Each round settles at least the
-   roots of what is left, so this ends after at most (longest edge chain + 1) rounds and returns
-   exactly the greedy result. It is the Cluster-NMS fixed point b_t = not any(b_{t-1}[i] and
-   A[i, j]) (Zheng et al., arXiv:2005.03572) evaluated on the sparse edge list, with settled
-   boxes removed so every round is cheaper than the last; on detector outputs it takes 3-6 rounds.
+1. **Rank.** A stable sort on decreasing score (equal scores: lower index first).
+2. **Sparse candidates.** For ``iou_threshold >= 0`` only pairs with IoU > threshold can suppress
+   (DIoU <= IoU), and IoU > t forces the x-ranges to overlap by more than t * max(w_i, w_j) (and
+   likewise y), so the widths (heights) lie within a factor 1/t. Boxes are sorted by a float64 key
+   (category, [width level, height level,] x1) and each box gets the run of sorted boxes that can
+   pair with it by ``searchsorted`` (categories are offset along the key, the coordinate trick of
+   ``torchvision.ops.batched_nms`` applied to the key only, so values use the true coordinates).
+   Size levels (lw = floor(log2 w), lh) are used when plain x1 windows would be long.
+3. **Tiles.** Windows are contiguous runs of the sorted boxes, so they are cut into rows of K
+   slots and tested on ``[rows, K]`` tiles gathered by ``unfold`` (contiguous copies, no
+   per-element gathers) with a cheap superset test of IoU > t; the exact value is computed on the
+   survivors only, with the same operations as the reference.
+4. **Exact resolution.** The edges i -> j (i ranked first, value > t) form a DAG. A box with no
+   incoming edge is kept and suppresses its targets; edges touching decided boxes are dropped;
+   repeat. This is the Cluster-NMS fixed point b_t = not any(b_{t-1}[i] and A[i, j]) (Zheng et
+   al., arXiv:2005.03572) evaluated on the sparse edge list with settled boxes removed; it ends
+   after at most (longest edge chain + 1) rounds, 3-7 on detector outputs.
+5. **Stages for dense clusters.** Greedy's decision on a box depends only on the kept boxes ranked
+   above it. When windows are long, the best-ranked quarter is resolved first, its kept boxes
+   remove what they suppress from the rest (one comparison per kept neighbour instead of the
+   cluster's all-pairs edges), and the survivors go to the next stage.
 
-For ``iou_threshold < 0`` non-overlapping boxes can suppress (DIoU < 0), the candidate set is
-dense, and a per-class parallel greedy loop is used instead (one round per kept box of the
-largest class, memory O(N)).
+For ``iou_threshold < 0`` disjoint boxes can suppress (DIoU < 0) and a per-category parallel
+greedy loop is used instead (one round per kept box of the largest category, memory O(N)).
 
 Numerics: boxes are computed in float32 (float16/bfloat16/integers upcast) or float64, and the
 computed value is compared with ``iou_threshold`` as an exact real number (as torchvision's CPU
@@ -54,22 +58,26 @@ from .boxes import _check_box_tensor, _upcast
 
 __all__ = ["diou_nms", "batched_diou_nms"]
 
-# Geometric pruning uses a threshold this much smaller than the real one, so float rounding of the
-# computed IoU (a few ulp) can never push a true suppression out of the candidate set.
+# Geometric pruning uses a threshold t' this much smaller than t, so float rounding of the computed
+# IoU (a few ulp) can never push a true suppression out of the candidate set.
 _PRUNE_SLACK = 1e-5
 # Below this many edges, the rest of the suppression graph is settled by a Python loop.
 _SEQUENTIAL_EDGES = 512
-# Candidate windows longer than this on average (estimated) count as "dense": the boxes are then
-# resolved in stages by rank and swept inside size-level groups (see _greedy and _windows_self).
+# Plain x1 windows longer than this on average (estimated) count as "dense": the boxes are then
+# resolved in stages and swept inside size-level groups (see _greedy and _windows_self).
 _DENSE_MEAN_WINDOW = 32.0
-# Stages never take fewer boxes than this (below it, one more round of ops costs more than it saves).
+# Neither stages nor size levels below this many boxes (one more pass of ops costs more than it saves).
 _STAGE_MIN = 1024
-# Size-level groups only for thresholds where a box pairs with few levels (t >= 0.25: widths within
-# a factor 4, so 2-3 width levels and 3-5 height levels to visit).
+_LEVELS_MIN_BOXES = 1024
+# A stage takes this fraction (1 / _STAGE_DIV) of the boxes still alive.
+_STAGE_DIV = 4
+# Size levels only for thresholds where a box pairs with few levels (t >= 0.25: widths within a
+# factor 4, so 2-3 width levels and 3-5 height levels to visit).
 _LEVELS_MIN_THRESHOLD = 0.25
-# Window rows are processed in chunks of about this many (box, candidate) slots: bounded memory,
-# and the temporaries of one chunk stay in cache.
-_CHUNK_SLOTS = 1 << 16
+# Tile rows are processed in chunks of at most this many slots: bounded memory, temporaries in
+# cache, and below torch's parallel grain size (32768), so each op runs on one thread without a
+# fork/join; measured faster than 2^16-2^17 with 2 threads on the 2-core machine.
+_CHUNK_SLOTS = (1 << 15) - 1
 _ROW_WIDTHS = (8, 16, 32, 64, 128)
 
 
@@ -246,31 +254,46 @@ def _nms(boxes: Tensor, scores: Tensor, idxs: Tensor | None, t: float, beta: flo
         return _nms_dense(b, order, idxs, t, beta, distance)
 
     b = b.index_select(0, order)  # rank order from here on
+    c = idxs.index_select(0, order) if idxs is not None else None
     x1, y1, x2, y2 = b.unbind(1)
     area = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)
     # zero or non-finite area: IoU is 0 or NaN with every box, so such a box neither suppresses nor
     # is suppressed (value <= IoU <= 0 <= t); only the others take part
     valid = (area > 0) & (area < math.inf)
-    vpos = valid.nonzero().squeeze(1)  # [V] ranks of the valid boxes
-    cls = _compact_classes(idxs.index_select(0, order.index_select(0, vpos)) if idxs is not None else None, vpos)
-    kept = _greedy(b.index_select(0, vpos), area.index_select(0, vpos), cls, t, beta, distance)
+    all_valid = bool(valid.all())
+    vpos = None if all_valid else valid.nonzero().squeeze(1)  # [V] ranks of the valid boxes
+    if vpos is not None:
+        b, area, c = b.index_select(0, vpos), area.index_select(0, vpos), c.index_select(0, vpos) if c is not None else None
+    if b.shape[0] == 0:
+        return order
+    if b.dtype == torch.float64 and float(b.abs().max()) > 2.0**900:
+        return _nms_dense(boxes, order, idxs, t, beta, distance)  # the float64 sort keys would overflow
+    # Pruning threshold t' < t: the geometric bounds hold for the real IoU, and the computed IoU is
+    # within a few ulp of it while areas are normal numbers; for tiny areas or thresholds, prune by
+    # plain intersection (t' = 0), which holds for any computed IoU > 0.
+    tp = t * (1 - _PRUNE_SLACK)
+    if t < 2.0**-20 or float(area.min()) < (2.0**-900 if b.dtype == torch.float64 else 2.0**-100):
+        tp = 0.0
+    kept = _greedy(b, area, _compact_classes(c, b.shape[0], device), t, tp, beta, distance)
+    if vpos is None:
+        return order.index_select(0, kept)
     keep = (~valid).index_fill_(0, vpos.index_select(0, kept), True)  # invalid boxes are always kept
     return order.index_select(0, keep.nonzero().squeeze(1))
 
 
-def _compact_classes(c: Tensor | None, like: Tensor) -> Tensor:
+def _compact_classes(c: Tensor | None, n: int, device) -> Tensor:
     """Category ids as small non-negative integers with the same partition (zeros when None)."""
-    if c is None or c.numel() == 0:
-        return torch.zeros(like.numel(), dtype=torch.int64, device=like.device)
+    if c is None or n == 0:
+        return torch.zeros(n, dtype=torch.int64, device=device)
     c = c.long()
     lo, hi = torch.aminmax(c)
-    if (hi - lo).item() <= 4 * c.numel() + 1024:
+    if (hi - lo).item() <= 4 * n + 1024:
         return c - lo
     return torch.unique(c, return_inverse=True)[1]
 
 
-def _greedy(b: Tensor, area: Tensor, cls: Tensor, t: float, beta: float, distance: bool) -> Tensor:
-    """Greedy NMS of boxes ``b`` ``[V, 4]`` already in rank order, positive finite ``area``.
+def _greedy(b: Tensor, area: Tensor, cls: Tensor, t: float, tp: float, beta: float, distance: bool) -> Tensor:
+    """Greedy NMS of boxes ``b`` ``[V, 4]`` already in rank order, positive finite ``area``, pruned with t'.
 
     Returns the sorted positions of the kept boxes. Greedy's decision on a box depends only on the
     kept boxes ranked above it, so the boxes can be resolved in stages: take the best-ranked
@@ -281,34 +304,34 @@ def _greedy(b: Tensor, area: Tensor, cls: Tensor, t: float, beta: float, distanc
     settles each cluster's best boxes, which then remove most of the cluster at the cost of one
     kept-box comparison each, instead of the cluster's all-pairs edges.
     """
-    tp = t * (1 - _PRUNE_SLACK)
-    alive = torch.arange(b.shape[0], device=b.device)
-    kept = [alive[:0]]
-    while alive.numel() > 0:
-        m = alive.numel()
-        if m >= 2 * _STAGE_MIN and tp >= _LEVELS_MIN_THRESHOLD and _dense(b.index_select(0, alive), cls.index_select(0, alive), tp):
-            m = max(_STAGE_MIN, m // 4)
-        block, rest = alive[:m], alive[m:]
-        bb, ab, cb = b.index_select(0, block), area.index_select(0, block), cls.index_select(0, block)
-        ia, ib = _self_edges(bb, ab, cb, t, beta, distance)  # positions in block = ranks in block
-        suppressed = _resolve(torch.minimum(ia, ib), torch.maximum(ia, ib), m)
-        kb = (~suppressed).nonzero().squeeze(1)
-        kept.append(block.index_select(0, kb))
-        if rest.numel() == 0:
+    pos = None  # positions of the boxes still alive (None: all of them, in order)
+    kept = []
+    while True:
+        v = b.shape[0]
+        dense = tp >= _LEVELS_MIN_THRESHOLD and v >= _LEVELS_MIN_BOXES and _dense(b, cls, tp)
+        m = max(_STAGE_MIN, v // _STAGE_DIV) if dense and v >= 2 * _STAGE_MIN else v
+        bb, ab, cb = b[:m], area[:m], cls[:m]  # the best-ranked block (views)
+        ia, ib = _self_edges(bb, ab, cb, t, tp, beta, distance, dense)  # positions in block = ranks
+        kb = (~_resolve(torch.minimum(ia, ib), torch.maximum(ia, ib), m)).nonzero().squeeze(1)
+        kept.append(kb if pos is None else pos.index_select(0, kb))
+        if m == v:
             break
-        hit = _suppressed_by(bb.index_select(0, kb), ab.index_select(0, kb), cb.index_select(0, kb),
-                             b.index_select(0, rest), area.index_select(0, rest), cls.index_select(0, rest),
-                             t, beta, distance)
-        alive = rest.index_select(0, (~hit).nonzero().squeeze(1))
+        kept_boxes = (bb.index_select(0, kb), ab.index_select(0, kb), cb.index_select(0, kb))
+        hit = _suppressed_by(*kept_boxes, b[m:], area[m:], cls[m:], t, tp, beta, distance)
+        live = (~hit).nonzero().squeeze(1)
+        pos = (torch.arange(m, v, device=b.device) if pos is None else pos[m:]).index_select(0, live)
+        b, area, cls = (x[m:].index_select(0, live) for x in (b, area, cls))
+        if pos.numel() == 0:
+            break
     return torch.cat(kept)
 
 
 def _dense(b: Tensor, cls: Tensor, tp: float) -> bool:
     """Whether the plain x1 windows would be long: their mean length is about
     (1 - t') * sum_i w_i * (boxes of i's category per unit of x)."""
-    x1, x2 = b[:, 0].double(), b[:, 2].double()
-    span = float(x2.max() - x1.min())
-    w = x2 - x1
+    x1, x2 = b[:, 0], b[:, 2]
+    span = float(x2.max()) - float(x1.min())
+    w = (x2 - x1).double()
     n_c = torch.bincount(cls).double()
     est = (1 - tp) * float((torch.bincount(cls, weights=w) * n_c).sum()) / (b.shape[0] * span)
     return est > _DENSE_MEAN_WINDOW
@@ -356,13 +379,12 @@ def _resolve(src: Tensor, dst: Tensor, n: int) -> Tensor:
 # rounding is monotone, so every window stays a superset of the pairs it must hold.
 
 
-def _self_edges(b: Tensor, area: Tensor, cls: Tensor, t: float, beta: float, distance: bool):
+def _self_edges(b: Tensor, area: Tensor, cls: Tensor, t: float, tp: float, beta: float, distance: bool, levels: bool):
     """All pairs (i, j) of boxes ``b`` ``[V, 4]`` whose value exceeds ``t >= 0``, each once, same category."""
     empty = torch.empty(0, dtype=torch.int64, device=b.device)
     if b.shape[0] < 2:
         return empty, empty
-    tp = t * (1 - _PRUNE_SLACK)
-    perm, win_a, win_start, win_len, one_sided = _windows_self(b.double(), cls, tp)
+    perm, win_a, win_start, win_len, one_sided = _windows_self(b.double(), cls, tp, levels)
     bs = b.index_select(0, perm)
     feats = _tile_features(bs, area.index_select(0, perm), tp)
     pa, pb = _tile_candidates(feats, feats, win_a, win_start, win_len, one_sided)
@@ -371,29 +393,27 @@ def _self_edges(b: Tensor, area: Tensor, cls: Tensor, t: float, beta: float, dis
     return perm.index_select(0, pa.index_select(0, keep)), perm.index_select(0, pb.index_select(0, keep))
 
 
-def _suppressed_by(bk, ak, ck, bq, aq, cq, t: float, beta: float, distance: bool) -> Tensor:
+def _suppressed_by(bk, ak, ck, bq, aq, cq, t: float, tp: float, beta: float, distance: bool) -> Tensor:
     """``[Q]`` bool: which of the boxes ``bq`` some box of ``bk`` (same category) suppresses."""
     hit = torch.zeros(bq.shape[0], dtype=torch.bool, device=bq.device)
     if bk.shape[0] == 0:
         return hit
-    tp = t * (1 - _PRUNE_SLACK)
     perm, win_q, win_start, win_len = _windows_cross(bq.double(), cq, bk.double(), ck, tp)
     bks = bk.index_select(0, perm)
-    pq, pk = _tile_candidates(_tile_features(bq, aq, tp), _tile_features(bks, ak.index_select(0, perm), tp),
-                              win_q, win_start, win_len, False)
+    fq, fk = _tile_features(bq, aq, tp), _tile_features(bks, ak.index_select(0, perm), tp)
+    pq, pk = _tile_candidates(fq, fk, win_q, win_start, win_len, False)
     value = _suppression_value(bks.index_select(0, pk), bq.index_select(0, pq), beta, distance)
     return hit.index_fill_(0, pq.index_select(0, (value > _exclusive_threshold(t, bq.dtype)).nonzero().squeeze(1)), True)
 
 
-def _key_frame(*boxes: Tensor):
-    """Origin and spacing X (> 4 x span, a power of two) of the sort key over all ``boxes``."""
-    x1 = torch.cat([b[:, 0] for b in boxes])
-    x2 = torch.cat([b[:, 2] for b in boxes])
-    lo = x1.min()
-    return lo, torch.exp2(torch.ceil(torch.log2(x2.max() - lo + 1)) + 2)
+def _key_frame(*boxes: Tensor) -> tuple[float, float]:
+    """Origin and spacing X (a power of two > 4 x span) of the sort key over all ``boxes``."""
+    lo = min(float(b[:, 0].min()) for b in boxes)
+    span = max(float(b[:, 2].max()) for b in boxes) - lo
+    return lo, 2.0 ** (math.ceil(math.log2(span + 1)) + 2)
 
 
-def _windows_self(bd: Tensor, cls: Tensor, tp: float):
+def _windows_self(bd: Tensor, cls: Tensor, tp: float, levels: bool):
     """Sort the boxes ``bd`` (float64) and give each the run of sorted boxes it must be paired with.
 
     Returns ``perm`` and, per window, the querying box ``win_a`` (sorted position), ``win_start``,
@@ -401,8 +421,8 @@ def _windows_self(bd: Tensor, cls: Tensor, tp: float):
     Every pair with IoU > t' appears in exactly one window; windows never cross categories.
 
     Plain sweep: sort by (category, x1); each box looks at the later boxes with x1 < x2 - t' w.
-    Size levels, when those windows are long: lw = floor(log2 w) (exact, from ``frexp``), likewise
-    lh; sort by (category, lw, lh, x1). By (b) a box needs only levels lw' in [lw, level(w / t')]
+    Size levels (``levels``: windows long, t' >= 1/4): lw = floor(log2 w) (exact, from ``frexp``),
+    likewise lh; sort by (category, lw, lh, x1). By (b) a box needs only levels lw' in [lw, level(w / t')]
     and lh' in [level(t' h), level(h / t')]: its own group with the one-sided window, the groups
     after its own with the two-sided window of (a) (w_j < 2^(lw' + 1)). A pair in two groups is
     found from the earlier group only.
@@ -415,7 +435,7 @@ def _windows_self(bd: Tensor, cls: Tensor, tp: float):
     u1 = x1 - lo  # [V] in [0, span]
     u_hi = torch.maximum(u1 + (1 - tp) * w, u1)  # x2 - t' w, never left of x1
 
-    if tp < _LEVELS_MIN_THRESHOLD or not _dense(bd, cls, tp):
+    if not levels:
         off = cls.double() * X
         key_s, perm = torch.sort(off + u1)
         end = torch.searchsorted(key_s, (off + u_hi).index_select(0, perm), right=True)
@@ -491,7 +511,7 @@ def _tile_candidates(fa: Tensor, fb: Tensor, win_a: Tensor, win_start: Tensor, w
     dev = fb.device
     empty = torch.empty(0, dtype=torch.int64, device=dev)
     # K minimises rows * (row overhead + K); widths are powers of two
-    log_k = torch.tensor([k.bit_length() - 1 for k in _ROW_WIDTHS], device=dev)
+    log_k = torch.tensor([k.bit_length() - 1 for k in _ROW_WIDTHS], device=dev)  # small copy
     rows_k = ((win_len[:, None] + (1 << log_k) - 1) >> log_k).sum(0)  # [len(widths)] rows needed
     k_i = int((rows_k * ((1 << log_k) + 16)).argmin())
     K, n_rows = _ROW_WIDTHS[k_i], int(rows_k[k_i])
@@ -531,8 +551,10 @@ def _tile_candidates(fa: Tensor, fb: Tensor, win_a: Tensor, win_start: Tensor, w
 
 
 def _nms_dense(b: Tensor, order: Tensor, idxs: Tensor | None, t: float, beta: float, distance: bool) -> Tensor:
-    """Greedy for a negative threshold, where disjoint boxes can suppress: all categories advance
-    together, one kept box per category per round, each compared with the rest of its category."""
+    """Greedy for a negative threshold, where disjoint boxes can suppress (or coordinates beyond
+    2^900): all categories advance together, one kept box per category per round, each compared
+    with the rest of its category. Exact for any threshold; one round per kept box of the largest
+    category, memory O(N)."""
     n = b.shape[0]
     dev = b.device
     feat = b.index_select(0, order)  # [N, 4] in rank order

@@ -28,12 +28,12 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 def _values(i, b, beta, distance):
     """Suppression value of box ``b[i]`` against every box of ``b`` (numpy, ``b``'s dtype)."""
     x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
-    area = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)
-    iw = np.maximum(np.minimum(x2[i], x2) - np.maximum(x1[i], x1), 0)
-    ih = np.maximum(np.minimum(y2[i], y2) - np.maximum(y1[i], y1), 0)
-    inter = iw * ih
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = inter / (area[i] + area - inter)  # torchvision's IoU; 0 / 0 = NaN never suppresses
+    with np.errstate(all="ignore"):  # overflow and 0 / 0 give inf and NaN, as in torch
+        area = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)
+        iw = np.maximum(np.minimum(x2[i], x2) - np.maximum(x1[i], x1), 0)
+        ih = np.maximum(np.minimum(y2[i], y2) - np.maximum(y1[i], y1), 0)
+        inter = iw * ih
+        iou = inter / (area[i] + area - inter)  # torchvision's IoU; NaN (0 / 0) never suppresses
         if not distance or beta == math.inf:
             return iou
         cw = np.maximum(x2[i], x2) - np.minimum(x1[i], x1)
@@ -333,6 +333,25 @@ def test_threshold_extremes():
                 boxloss.batched_diou_nms(boxes, scores, idxs, t, distance=distance),
                 greedy_reference(boxes, scores, t, idxs, distance=distance),
             )
+
+
+def test_extreme_scales_and_tiny_thresholds_equal_reference():
+    # tiny areas (subnormal products) and tiny thresholds prune by plain intersection; float64
+    # coordinates beyond 2^900 (finite areas) take the dense loop; huge float32 areas overflow
+    g = torch.Generator().manual_seed(12)
+    aniso = torch.tensor([2.0**950, 2.0**-950, 2.0**950, 2.0**-950], dtype=torch.float64)
+    for _ in range(15):
+        boxes, scores = random_case(g, 60)
+        idxs = torch.randint(0, 2, (60,), generator=g)
+        for scaled, t in (
+            (boxes * 2.0**-70, 0.5),
+            (boxes, 1e-9),
+            (boxes * 2.0**50, 0.5),
+            (boxes * 2.0**62, 0.5),
+            (boxes.double() * aniso, 0.5),
+        ):
+            got = boxloss.batched_diou_nms(scaled, scores, idxs, t)
+            assert torch.equal(got, greedy_reference(scaled, scores, t, idxs))
 
 
 def test_non_contiguous_inputs():
