@@ -18,7 +18,8 @@ MARKDOWN_HEADER = "| AP | AP50 | AP75 | APs | APm | APl |\n| --- | --- | --- | -
 
 
 def markdown_row(stats) -> str:
-    return "| " + " | ".join(f"{100 * v:.1f}" for v in stats[:6]) + " |"
+    """AP, AP50, AP75, APs, APm, APl in percent; pycocotools' -1 (no ground truth of that size) is n/a."""
+    return "| " + " | ".join("n/a" if v < 0 else f"{100 * v:.1f}" for v in stats[:6]) + " |"
 
 
 def evaluate(gt_file: str, dets_file: str):
