@@ -266,10 +266,10 @@ def test_invariant_to_exact_rescaling_and_translation(seed, log_scale, shift, t)
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_one_box_and_all_equal_scores(device):
-    empty = torch.zeros(0, 4, device=device)
+    empty, no_scores = torch.zeros(0, 4, device=device), torch.zeros(0, device=device)
     for out in (
-        boxloss.diou_nms(empty, torch.zeros(0, device=device), 0.5),
-        boxloss.batched_diou_nms(empty, torch.zeros(0, device=device), torch.zeros(0, dtype=torch.int64, device=device), 0.5),
+        boxloss.diou_nms(empty, no_scores, 0.5),
+        boxloss.batched_diou_nms(empty, no_scores, torch.zeros(0, dtype=torch.int64, device=device), 0.5),
     ):
         assert out.shape == (0,) and out.dtype == torch.int64 and out.device.type == device
     one = torch.tensor([[1.0, 2, 3, 4]], device=device)
