@@ -212,3 +212,19 @@ def test_one_training_step_on_cuda(box_loss):
     model.eval()
     with torch.no_grad():
         assert model(images)[0]["boxes"].is_cuda
+
+
+def test_head_norm_groups_puts_group_norm_after_every_head_conv():
+    plain = build_detector("retinanet", num_classes=3, backbone="resnet18", fpn_channels=32)
+    normed = build_detector("retinanet", num_classes=3, backbone="resnet18", fpn_channels=32, head_norm_groups=8)
+    for head in (normed.head.classification_head, normed.head.regression_head):
+        norms = [m for m in head.conv.modules() if isinstance(m, torch.nn.GroupNorm)]
+        assert len(norms) == 4 and all(n.num_groups == 8 and n.num_channels == 32 for n in norms)
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in plain.head.modules())
+    normed.train()
+    images, targets = [torch.rand(3, 64, 64)], [{"boxes": torch.tensor([[8.0, 8, 40, 30]]), "labels": torch.tensor([1])}]
+    assert all(torch.isfinite(v) for v in normed(images, targets).values())
+    with pytest.raises(ValueError, match="head_norm_groups must be a positive divisor of fpn_channels=32, got 5"):
+        build_detector("retinanet", num_classes=3, backbone="resnet18", fpn_channels=32, head_norm_groups=5)
+    with pytest.raises(ValueError, match="head_norm_groups is a RetinaNet option"):
+        build_detector("faster_rcnn", num_classes=3, backbone="resnet18", head_norm_groups=8)
