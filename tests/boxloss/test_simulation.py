@@ -1,10 +1,10 @@
 """The DIoU paper's convergence simulation: protocol, hand-worked directions, exact gradients against
 autograd (per step and along whole runs), the published figure at reduced and full size, the tool."""
 
+import ast
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -26,20 +26,12 @@ def xywh(*rows):
 # ---------------------------------------------------------------- protocol
 
 
-def test_engine_imports_with_torch_only():
-    code = (
-        "import sys\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torchvision', 'mmengine', 'matplotlib', 'PIL', 'pycocotools'):\n"
-        "            raise ImportError('blocked ' + name)\n"
-        "sys.meta_path.insert(0, Block())\n"
-        "from boxloss import simulation\n"
-        "print(simulation.num_cases(5000))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "1715000"
+def test_engine_imports_torch_only():
+    # every import in the engine, nested ones included: the standard library, torch, or boxloss itself
+    tree = ast.parse(open(sim.__file__).read())
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
+    assert names <= {"__future__", "math", "threading", "time", "concurrent", "dataclasses", "typing", "torch"}, names
 
 
 def test_protocol_size_and_cases():
@@ -192,7 +184,7 @@ def test_exact_direction_is_minus_the_gradient_of_the_loss(loss):
 
 
 @pytest.mark.parametrize("loss", sim.LOSSES)
-def test_exact_directions_agree_along_a_run(loss, points=12):
+def test_exact_directions_agree_along_a_run(loss, points=8):
     """Teacher forcing: along the autograd-driven trajectory, the analytic direction at every state
     equals autograd's to 1e-9 (float64), for every case and iteration."""
     anchors, targets = sim.make_cases(sim.anchor_centres(points), F64)
@@ -208,7 +200,7 @@ def test_exact_directions_agree_along_a_run(loss, points=12):
 
 
 @pytest.mark.parametrize("loss", sim.LOSSES)
-def test_exact_trajectories_analytic_vs_autograd(loss, points=12):
+def test_exact_trajectories_analytic_vs_autograd(loss, points=8):
     """Free-running runs: L-norms identical; the IoU family identical to 1e-9 for the first 20
     iterations, after which the few chaotic cases amplify rounding (see test_chaos_...), while the
     total-error curve agrees to 1e-3 over all 200 iterations."""
