@@ -215,6 +215,9 @@ def main(argv=None) -> dict:
         p.error(f"--points must be >= 1, got {args.points}")
     if args.iters < 0:
         p.error(f"--iters must be >= 0, got {args.iters}")
+    for flag, value in (("--chunk-points", args.chunk_points), ("--workers", args.workers)):
+        if value is not None and value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")
     try:
         device = torch.device(args.device)
     except RuntimeError:
