@@ -125,22 +125,15 @@ class _Workspace:
     numbers; :meth:`views` builds them once per chunk length and keeps them.
     """
 
-    # name: shape without the trailing chunk dimension
+    # name: shape without the trailing chunk dimension. Rows are reused once dead (see _build).
     _SHAPES = {
-        # groups: pred, target, intersection, enclosing; rows (lo|hi, x|y). Dead once the sizes and
-        # tie signs are taken: the gradient's last temporaries (WI, T, B) and backward reuse them.
-        "Q": (4, 2, 2),
-        "SZ": (4, 2),  # (w, h) of pred, target, intersection, enclosing, unclamped
-        "CL": (3, 2),  # clamped at 0: pred, target, intersection
-        "P": (3,),  # products of CL: A1, A2, inter
-        "D": (2, 2),  # (x1 - x1g, y1 - y1g, x2g - x2, y2g - y2), then its sign
-        "MK": (3, 2),  # clamp masks, then (in place) d(area)/d(size), then d(-L)/d(size)
-        "GE": (2,),  # d(-L)/d(cw, ch)
+        "R": (16,),  # coordinates, then clamped sizes and products, then the last temporaries
+        "SZ": (4, 2),  # (w, h) of pred, target, intersection, enclosing (unclamped), then masks
+        "D": (2, 2),  # (x1 - x1g, y1 - y1g, x2g - x2, y2g - y2), then the tie weights
+        "GE": (2,),  # GIoU: d(-L)/d(cw, ch)
         "H": (2,),  # DIoU/CIoU: half centre offsets, then d(-L)/d(centre offset)
-        "A": (2, 2),  # CIoU: h + eps, then atan(w / (h + eps))
-        "X": (2, 2),  # CIoU: aspect-gradient scratch
         "GWH": (2, 2),  # CIoU: d(-L)/d(w, h) of pred and target before the clamp mask
-        "S": (18,),  # per-pair scalars
+        "S": (12,),  # per-pair scalars
     }
 
     # Rows are cap + _PAD long. Besides alignment this keeps a [4, c] block of rows from being
@@ -170,34 +163,40 @@ class _Workspace:
 
     def _build(self, c: int) -> SimpleNamespace:
         b = {k: v[..., :c] for k, v in self.buf.items()}
-        Q, SZ, CL, P, MK, GWH, S = (b[k] for k in ("Q", "SZ", "CL", "P", "MK", "GWH", "S"))
+        R, SZ, D, S = b["R"], b["SZ"], b["D"], b["S"]
         w = SimpleNamespace(**b)
-        w.Q0f, w.Q1f = Q[0].flatten(0, 1), Q[1].flatten(0, 1)  # [4, c] targets of the transposition
+        # phase 1: coordinate rows of pred, target, intersection, enclosing box: [group, lo|hi, x|y, c]
+        Q = R.unflatten(0, (4, 2, 2))
+        w.Q0f, w.Q1f = R[0:4], R[4:8]  # targets of the transposition
         w.Q01hi, w.Q01lo, w.Q23hi, w.Q23lo = Q[0:2, 1], Q[0:2, 0], Q[2:4, 1], Q[2:4, 0]
         w.Q0lo, w.Q0hi, w.Q1lo, w.Q1hi = Q[0, 0], Q[0, 1], Q[1, 0], Q[1, 1]  # [x|y, c] each
         w.Ilo, w.Ihi, w.Elo, w.Ehi = Q[2, 0], Q[2, 1], Q[3, 0], Q[3, 1]
-        w.Dlo, w.Dhi = b["D"].unbind(0)
+        w.Dlo, w.Dhi = D.unbind(0)
         w.SZ01, w.SZ2, w.SZ23, w.cwh = SZ[0:2], SZ[2], SZ[2:4], SZ[3]
         w.cw, w.ch = SZ[3].unbind(0)
+        # phase 2 (the coordinates are dead once the sizes and D are taken): clamped sizes, products
+        CL = R[0:6].unflatten(0, (3, 2))  # pred, target, intersection
         w.CL01, w.CL2, w.CLw, w.CLh = CL[0:2], CL[2], CL[:, 0], CL[:, 1]
         w.wb, w.hb = CL[0:2, 0], CL[0:2, 1]  # [2 boxes, c]
         w.iw_c, w.ih_c = CL[2].unbind(0)
-        w.a1, w.a2, w.inter = P.unbind(0)
-        w.MK01, w.MK2, w.MKw, w.MKh = MK[0:2], MK[2], MK[0:2, 0], MK[0:2, 1]
-        w.MK2_0, w.MK2_1 = MK[2].unbind(0)
+        w.P = R[6:9]
+        w.a1, w.a2, w.inter = w.P.unbind(0)
+        w.he, w.at = R[12:14], R[14:16]  # CIoU: [2 boxes, c] each
+        w.at0, w.at1 = w.at.unbind(0)
+        # phase 3 (gradient): masks in place of the sizes, aspect scratch, then the last temporaries
+        w.MK01, w.MK2, w.MKw, w.MKh = SZ[0:2], SZ[2], SZ[0:2, 0], SZ[0:2, 1]
+        w.MK2_0, w.MK2_1 = SZ[2].unbind(0)
+        w.aq, w.den = R[6:8], R[8:10]  # CIoU (the products are dead)
         w.GE0, w.GE1 = b["GE"].unbind(0)
         w.H0, w.H1 = b["H"].unbind(0)
-        w.he, w.at = b["A"].unbind(0)
-        w.at0, w.at1 = b["A"][1].unbind(0)
-        w.aq, w.den = b["X"].unbind(0)
-        w.GWH_w, w.GWH_h = GWH[:, 0], GWH[:, 1]
+        w.GWH_w, w.GWH_h = b["GWH"][:, 0], b["GWH"][:, 1]
+        w.WI, w.WI0 = D, D[0]  # in place
+        w.T = R[6:10].unflatten(0, (2, 2))  # [lo|hi, x|y, c]
+        w.B = R[12:16].unflatten(0, (2, 2))
+        w.B0, w.B1 = w.B.unbind(0)
         w.s = S.unbind(0)
-        w.s01, w.s23, w.s1112 = S[0:2], S[2:4], S[11:13]
-        # late temporaries in the dead coordinate rows
-        w.B, w.WI, w.T = Q[0], Q[2], Q[3]  # [lo|hi, x|y, c] each
-        w.B0, w.B1 = Q[0].unbind(0)
-        w.WI0 = Q[2, 0]
-        w.bw = Q[0:2].flatten(0, 2)  # backward: [8, c] coordinate gradients of pred and target
+        w.s01, w.s23 = S[0:2], S[2:4]
+        w.bw = R[0:8]  # backward: [8, c] coordinate gradients of pred and target
         w.bw6, w.bw_hi = w.bw[0:6], w.bw[6:8]
         return w
 
@@ -253,8 +252,10 @@ def _chunk(
     s, eps = w.s, k.eps
     box = kind != "iou"  # needs the enclosing box
     centre = kind in ("diou", "ciou")
+    want_grad = grad is not None
 
-    # coordinate rows (the transposition: the only strided reads); intersection and enclosing box
+    # phase 1: coordinate rows (the transposition: the only strided reads), intersection and
+    # enclosing box, sizes and the differences whose signs say which box owns each edge
     w.Q0f.copy_(p.t())
     w.Q1f.copy_(t.t())
     torch.maximum(w.Q0lo, w.Q1lo, out=w.Ilo)
@@ -266,14 +267,19 @@ def _chunk(
         torch.sub(w.Q23hi, w.Q23lo, out=w.SZ23)  # intersection and enclosing box
     else:
         torch.sub(w.Ihi, w.Ilo, out=w.SZ2)
+    if centre or want_grad:
+        torch.sub(w.Q0lo, w.Q1lo, out=w.Dlo)  # x1 - x1g: > 0 where the pred owns max(x1, x1g)
+        torch.sub(w.Q1hi, w.Q0hi, out=w.Dhi)  # x2g - x2: > 0 where it owns min(x2, x2g)
+
+    # phase 2: values
     torch.clamp(w.SZ01, min=0, out=w.CL01)  # widths and heights at 0
     torch.clamp(w.SZ2, min=0, out=w.CL2)  # the intersection relu'd
     torch.mul(w.CLw, w.CLh, out=w.P)  # [3, c]: A1, A2, inter (0 unless iw > 0 and ih > 0)
-    union, ue, iou, metric = s[0], s[2], s[4], s[5]
+    union, ue, iou = s[0], s[2], s[4]
     torch.add(w.a1, w.a2, out=union).sub_(w.inter)
-
+    metric = iou
     if kind == "giou":
-        area_c, area_ce, pen = s[1], s[3], s[6]
+        area_c, area_ce, pen, metric = s[1], s[3], s[6], s[5]
         torch.mul(w.cw, w.ch, out=area_c)
         torch.add(w.s01, eps, out=w.s23)  # (U + eps, |C| + eps)
         torch.div(w.inter, ue, out=iou)
@@ -282,16 +288,12 @@ def _chunk(
     else:
         torch.add(union, eps, out=ue)
         torch.div(w.inter, ue, out=iou)
-        metric = iou
     if centre:
-        c2, dterm, rho2, hc = s[1], s[6], s[7], w.H
-        torch.sub(w.Q0lo, w.Q1lo, out=w.Dlo)  # x1 - x1g: sign > 0 where the pred owns max(x1, x1g)
-        torch.sub(w.Q1hi, w.Q0hi, out=w.Dhi)  # x2g - x2: sign > 0 where it owns min(x2, x2g)
+        c2, dterm, rho2, hc, metric = s[1], s[6], s[7], w.H, s[5]
         torch.mul(w.cw, w.cw, out=c2).addcmul_(w.ch, w.ch).add_(eps)  # squared diagonal of C, + eps
         torch.sub(w.Dhi, w.Dlo, out=hc).mul_(k.half)  # -((x1 + x2) - (x1g + x2g)) / 2, same for y
         torch.mul(w.H0, w.H0, out=rho2).addcmul_(w.H1, w.H1)
         torch.div(rho2, c2, out=dterm)
-        metric = s[5]
         torch.sub(iou, dterm, out=metric)
         if kind == "ciou":
             delta, v, alpha = s[8], s[9], s[10]
@@ -304,23 +306,22 @@ def _chunk(
             if gated:  # MMDetection: alpha only where IoU > 0.5
                 alpha.mul_(iou > 0.5)
             metric.addcmul_(alpha, v, value=-1)
-
     if log:
-        lg = s[17]
+        lg = s[11]
         torch.add(iou, eps, out=lg)
         torch.log(lg, out=loss).neg_()
     else:
         torch.sub(k.one, metric, out=loss)
-    if grad is None:
+    if not want_grad:
         return
 
-    # ---------------------------------------------------------------- gradient of -L
-    # iou = I / Ue: with kl = d(-L)/diou (1, or 1 / (iou + eps) for log) and r = kl / Ue:
-    # m_u = d(-L)/dU = -iou r (+ 1 / (|C| + eps) for GIoU), m_i = d(-L)/dI in total = r - m_u
-    r, m_u, m_i = s[11], s[13], s[14]
+    # phase 3: gradient of -L. With iou = I / Ue, kl = d(-L)/diou (1, or 1 / (iou + eps) for log)
+    # and r = kl / Ue: m_u = d(-L)/dU = -iou r (+ 1 / (|C| + eps) for GIoU), and
+    # m_i = d(-L)/dI in total (through U too) = r - m_u
+    r, m_u, m_i, g_c = s[0], s[5], s[7], s[9]
     if kind == "giou":
-        r_c = s[12]
-        torch.reciprocal(w.s23, out=w.s1112)  # (1 / (U + eps), 1 / (|C| + eps))
+        r_c = s[1]
+        torch.reciprocal(w.s23, out=w.s01)  # (1 / (U + eps), 1 / (|C| + eps))
         torch.addcmul(r_c, iou, r, value=-1, out=m_u)
     else:
         torch.reciprocal(ue, out=r)
@@ -329,7 +330,7 @@ def _chunk(
         torch.addcmul(k.zero, iou, r, value=-1, out=m_u)
     torch.sub(r, m_u, out=m_i)
 
-    # clamp masks (torch.heaviside would do it in one op, but is ~30x slower than a comparison)
+    # clamp masks, in place of the sizes (torch.heaviside would take one op, but is ~30x slower)
     if k.clamp_grad_at_zero:  # older PyTorch: clamp(min=0) passes the gradient at exactly 0
         torch.ge(w.SZ01, 0, out=w.MK01)
     else:
@@ -341,23 +342,21 @@ def _chunk(
     GI = w.MK2.mul_(m_i)  # [2, c]: d(-L)/d(iw, ih)
 
     # enclosing box: gradient w.r.t. its (cw, ch), and the centre term
-    g_c = s[15]
     if kind == "giou":  # d(-L)/d|C| = -(U + eps) / (|C| + eps)^2
         torch.mul(ue, r_c, out=g_c)
         torch.addcmul(k.zero, g_c, r_c, value=-1, out=g_c)
         torch.mul(w.ch, g_c, out=w.GE0)
         torch.mul(w.cw, g_c, out=w.GE1)
+        GE = w.GE
     elif centre:  # d(-rho2 / c2)/dcw = 2 cw rho2 / c2^2; d/d(x1 + x2 - x1g - x2g) = -(dc / 2) / c2
-        r2 = s[12]
-        torch.reciprocal(c2, out=r2)
+        r2 = c2.reciprocal_()
         torch.addcmul(k.zero, dterm, r2, value=2, out=g_c)
-        torch.mul(w.cwh, g_c, out=w.GE)
+        GE = w.cwh.mul_(g_c)
         g_rho = hc.mul_(r2)  # [2, c]
 
     # pred and target sizes: d(-L)/d(w, h) = m_u (h, w) [- alpha dv/d(w, h)], masked by the clamp
     if kind == "ciou":
-        cf = s[16]
-        torch.mul(alpha, delta, out=cf)
+        cf = delta.mul_(alpha)
         if paper:
             torch.mul(cf, k.aspect_sign, out=w.aq)
             hv = w.hb  # the authors' dv: no eps and no 1 / (w^2 + h^2)
@@ -376,18 +375,13 @@ def _chunk(
 
     # q-form coordinate gradients. For q-row (lo|hi, x|y) of the prediction:
     #   d/dq = d/dw + WI d/diw + (1 - WI) d/dcw (-/+ d/d(centre offset) for lo/hi)
-    # the target's: d/dw_g + (1 - WI) d/diw + WI d/dcw (+/- the centre term)
-    if centre:
-        torch.sign(w.D, out=w.D)
-    else:
-        torch.sub(w.Q0lo, w.Q1lo, out=w.Dlo)
-        torch.sub(w.Q1hi, w.Q0hi, out=w.Dhi)
-        w.D.sign_()
-    # pred's weight in the intersection min: 1, 0, or 1/2 at a tie (torch.min splits the gradient)
+    # the target's: d/dw_g + (1 - WI) d/diw + WI d/dcw (+/- the centre term), where WI, the pred's
+    # weight in the intersection edge, is 1, 0, or 1/2 at a tie (torch.max/min split the gradient)
+    w.D.sign_()
     torch.add(k.half, w.D, alpha=0.5, out=w.WI)
     g1 = grad[0:4].unflatten(0, (2, 2))  # [lo|hi, x|y, c]
     if box:
-        torch.lerp(w.GE, GI, w.WI, out=w.T)  # exact at WI in {0, 1}
+        torch.lerp(GE, GI, w.WI, out=w.T)  # exact at WI in {0, 1}
     else:
         torch.mul(GI, w.WI, out=w.T)
     if centre:
@@ -399,7 +393,7 @@ def _chunk(
     if grad.shape[0] == 6:  # target lo rows; its hi rows follow from translation invariance in backward
         g2 = grad[4:6]
         if box:
-            torch.lerp(GI, w.GE, w.WI0, out=g2)
+            torch.lerp(GI, GE, w.WI0, out=g2)
         else:
             torch.sub(k.one, w.WI0, out=g2).mul_(GI)
         g2.add_(GWH[1])
