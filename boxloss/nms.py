@@ -15,11 +15,10 @@ How the exact greedy result is reached fast, without a per-box Python loop
 1. **Rank.** A stable sort on decreasing score (equal scores: lower index first).
 2. **Sparse candidates.** For ``iou_threshold >= 0`` only pairs with IoU > threshold can suppress
    (DIoU <= IoU), and IoU > t forces the x-ranges to overlap by more than t * max(w_i, w_j) (and
-   likewise y), so the widths (heights) lie within a factor 1/t. Boxes are sorted by a float64 key
-   (category, [width level, height level,] x1) and each box gets the run of sorted boxes that can
-   pair with it by ``searchsorted`` (categories are offset along the key, the coordinate trick of
-   ``torchvision.ops.batched_nms`` applied to the key only, so values use the true coordinates).
-   Size levels (lw = floor(log2 w), lh) are used when plain x1 windows would be long.
+   likewise y). Boxes are sorted by a float64 key (category, x1) and each box gets the run of
+   later boxes with x1 < x2 - t w by ``searchsorted`` (categories are offset along the key: the
+   coordinate trick of ``torchvision.ops.batched_nms``, applied to the key only, so values use
+   the true coordinates).
 3. **Tiles.** Windows are contiguous runs of the sorted boxes, so they are cut into rows of K
    slots and tested on ``[rows, K]`` tiles gathered by ``unfold`` (contiguous copies, no
    per-element gathers) with a cheap superset test of IoU > t; the exact value is computed on the
@@ -31,8 +30,9 @@ How the exact greedy result is reached fast, without a per-box Python loop
    after at most (longest edge chain + 1) rounds, 3-7 on detector outputs.
 5. **Stages for dense clusters.** Greedy's decision on a box depends only on the kept boxes ranked
    above it. When windows are long, the best-ranked quarter is resolved first, its kept boxes
-   remove what they suppress from the rest (one comparison per kept neighbour instead of the
-   cluster's all-pairs edges), and the survivors go to the next stage.
+   remove what they suppress from the rest (windows of kept boxes only, instead of the cluster's
+   all-pairs edges), and the survivors go to the next stage. (Size-level groups, tried as well,
+   stopped paying for their extra searches once stages were in.)
 
 For ``iou_threshold < 0`` disjoint boxes can suppress (DIoU < 0) and a per-category parallel
 greedy loop is used instead (one round per kept box of the largest category, memory O(N)).
@@ -63,17 +63,13 @@ __all__ = ["diou_nms", "batched_diou_nms"]
 _PRUNE_SLACK = 1e-5
 # Below this many edges, the rest of the suppression graph is settled by a Python loop.
 _SEQUENTIAL_EDGES = 512
-# Plain x1 windows longer than this on average (estimated) count as "dense": the boxes are then
-# resolved in stages and swept inside size-level groups (see _greedy and _windows_self).
-_DENSE_MEAN_WINDOW = 32.0
-# Neither stages nor size levels below this many boxes (one more pass of ops costs more than it saves).
+# Plain x1 windows longer than this on average count as "dense": the boxes are then resolved in
+# stages by rank (see _greedy).
+_DENSE_MEAN_WINDOW = 16.0
+# No stage below this many boxes (one more pass of ops would cost more than it saves).
 _STAGE_MIN = 1024
-_LEVELS_MIN_BOXES = 1024
 # A stage takes this fraction (1 / _STAGE_DIV) of the boxes still alive.
 _STAGE_DIV = 4
-# Size levels only for thresholds where a box pairs with few levels (t >= 0.25: widths within a
-# factor 4, so 2-3 width levels and 3-5 height levels to visit).
-_LEVELS_MIN_THRESHOLD = 0.25
 # Tile rows are processed in chunks of at most this many slots: bounded memory, temporaries in
 # cache, and below torch's parallel grain size (32768), so each op runs on one thread without a
 # fork/join; measured faster than 2^16-2^17 with 2 threads on the 2-core machine.
@@ -294,7 +290,7 @@ def _compact_classes(c: Tensor | None, n: int, device) -> Tensor:
         return torch.zeros(n, dtype=torch.int64, device=device)
     c = c.long()
     lo, hi = torch.aminmax(c)
-    if (hi - lo).item() <= 4 * n + 1024:
+    if int(hi) - int(lo) <= 4 * n + 1024:  # Python ints: no int64 overflow for far-apart ids
         return c - lo
     return torch.unique(c, return_inverse=True)[1]
 
@@ -315,10 +311,11 @@ def _greedy(b: Tensor, area: Tensor, cls: Tensor, t: float, tp: float, beta: flo
     kept = []
     while True:
         v = b.shape[0]
-        dense = tp >= _LEVELS_MIN_THRESHOLD and v >= _LEVELS_MIN_BOXES and _dense(b, cls, tp)
-        m = max(_STAGE_MIN, v // _STAGE_DIV) if dense and v >= 2 * _STAGE_MIN else v
+        windows = _windows_self(b.double(), cls, tp)  # their total length tells how dense the boxes are
+        dense = v >= 2 * _STAGE_MIN and int(windows[3].sum()) > _DENSE_MEAN_WINDOW * v
+        m = max(_STAGE_MIN, v // _STAGE_DIV) if dense else v
         bb, ab, cb = b[:m], area[:m], cls[:m]  # the best-ranked block (views)
-        ia, ib = _self_edges(bb, ab, cb, t, tp, beta, distance, dense)  # positions in block = ranks
+        ia, ib = _self_edges(bb, ab, cb, t, tp, beta, distance, None if dense else windows)  # block ranks
         kb = (~_resolve(torch.minimum(ia, ib), torch.maximum(ia, ib), m)).nonzero().squeeze(1)
         kept.append(kb if pos is None else pos.index_select(0, kb))
         if m == v:
@@ -331,17 +328,6 @@ def _greedy(b: Tensor, area: Tensor, cls: Tensor, t: float, tp: float, beta: flo
         if pos.numel() == 0:
             break
     return torch.cat(kept)
-
-
-def _dense(b: Tensor, cls: Tensor, tp: float) -> bool:
-    """Whether the plain x1 windows would be long: their mean length is about
-    (1 - t') * sum_i w_i * (boxes of i's category per unit of x)."""
-    x1, x2 = b[:, 0], b[:, 2]
-    span = float(x2.max()) - float(x1.min())
-    w = (x2 - x1).double()
-    n_c = torch.bincount(cls).double()
-    est = (1 - tp) * float((torch.bincount(cls, weights=w) * n_c).sum()) / (b.shape[0] * span)
-    return est > _DENSE_MEAN_WINDOW
 
 
 def _resolve(src: Tensor, dst: Tensor, n: int) -> Tensor:
@@ -380,20 +366,22 @@ def _resolve(src: Tensor, dst: Tensor, n: int) -> Tensor:
 # the x-ranges overlap by iw > t' * max(w_i, w_j), likewise in y. Hence
 #   (a) x1_i - (1 - t') * w_j < x1_j < x2_i - t' * w_i   (one-sided: x1_i <= x1_j < x2_i - t' w_i)
 #   (b) t' * w_i < w_j < w_i / t'  and  t' * h_i < h_j < h_i / t'.
-# Boxes are sorted by a float64 key (category, [size levels,] x1): categories and groups are offset
-# along the key, as the coordinate trick of torchvision's batched_nms offsets the boxes, but only
-# in the key, so values use the true coordinates. Keys are exact for float32 boxes and any
+# Boxes are sorted by a float64 key (category, x1): categories are offset along the key, as the
+# coordinate trick of torchvision's batched_nms offsets the boxes, but only in the key, so values
+# use the true coordinates. Keys are exact for float32 boxes and any
 # rounding is monotone, so every window stays a superset of the pairs it must hold.
 
 
-def _self_edges(b: Tensor, area: Tensor, cls: Tensor, t: float, tp: float, beta: float, distance: bool, levels: bool):
-    """All pairs (i, j) of boxes ``b`` ``[V, 4]`` whose value exceeds ``t >= 0``, each once, same category."""
+def _self_edges(b, area, cls, t: float, tp: float, beta: float, distance: bool, windows=None):
+    """All pairs (i, j) of boxes ``b`` ``[V, 4]`` whose value exceeds ``t >= 0``, each once, same category.
+
+    ``windows``: the result of :func:`_windows_self` for these boxes, when already computed."""
     empty = torch.empty(0, dtype=torch.int64, device=b.device)
     if b.shape[0] < 2:
         return empty, empty
-    perm, win_a, win_start, win_len, one_sided = _windows_self(b.double(), cls, tp, levels)
+    perm, win_a, win_start, win_len = windows if windows is not None else _windows_self(b.double(), cls, tp)
     feats = _tile_features(b.index_select(0, perm), area.index_select(0, perm), tp)  # [5, V] sorted
-    pa, pb = _tile_candidates(feats, feats, win_a, win_start, win_len, one_sided)
+    pa, pb = _tile_candidates(feats, feats, win_a, win_start, win_len, one_sided=True)
     value = _value_columns(feats[:4].index_select(1, pa), feats[:4].index_select(1, pb), beta, distance)
     keep = (value > _exclusive_threshold(t, b.dtype)).nonzero().squeeze(1)
     return perm.index_select(0, pa.index_select(0, keep)), perm.index_select(0, pb.index_select(0, keep))
@@ -406,7 +394,7 @@ def _suppressed_by(bk, ak, ck, bq, aq, cq, t: float, tp: float, beta: float, dis
         return hit
     perm, win_q, win_start, win_len = _windows_cross(bq.double(), cq, bk.double(), ck, tp)
     fq, fk = _tile_features(bq, aq, tp), _tile_features(bk.index_select(0, perm), ak.index_select(0, perm), tp)
-    pq, pk = _tile_candidates(fq, fk, win_q, win_start, win_len, False)
+    pq, pk = _tile_candidates(fq, fk, win_q, win_start, win_len, one_sided=False)
     value = _value_columns(fk[:4].index_select(1, pk), fq[:4].index_select(1, pq), beta, distance)
     suppressed = (value > _exclusive_threshold(t, bq.dtype)).nonzero().squeeze(1)
     return hit.index_fill_(0, pq.index_select(0, suppressed), True)
@@ -419,64 +407,24 @@ def _key_frame(*boxes: Tensor) -> tuple[float, float]:
     return lo, 2.0 ** (math.ceil(math.log2(span + 1)) + 2)
 
 
-def _windows_self(bd: Tensor, cls: Tensor, tp: float, levels: bool):
-    """Sort the boxes ``bd`` (float64) and give each the run of sorted boxes it must be paired with.
+def _windows_self(bd: Tensor, cls: Tensor, tp: float):
+    """Sort the boxes ``bd`` (float64) by (category, x1) and give each the run of later sorted boxes
+    it must be paired with, by (a) one-sided: x1 < x2 - t' w.
 
-    Returns ``perm`` and, per window, the querying box ``win_a`` (sorted position), ``win_start``,
-    ``win_len`` (a run of sorted positions after ``win_a``), and whether every window is one-sided.
-    Every pair with IoU > t' appears in exactly one window; windows never cross categories.
-
-    Plain sweep: sort by (category, x1); each box looks at the later boxes with x1 < x2 - t' w.
-    Size levels (``levels``: windows long, t' >= 1/4): lw = floor(log2 w) (exact, from ``frexp``),
-    likewise lh; sort by (category, lw, lh, x1). By (b) a box needs only levels lw' in [lw, level(w / t')]
-    and lh' in [level(t' h), level(h / t')]: its own group with the one-sided window, the groups
-    after its own with the two-sided window of (a) (w_j < 2^(lw' + 1)). A pair in two groups is
-    found from the earlier group only.
+    Returns ``perm`` and, per window, the querying box ``win_a`` (sorted position), ``win_start``
+    and ``win_len``. Every pair with IoU > t' appears in exactly one window (the one of the box
+    sorted first); windows never cross categories.
     """
     v = bd.shape[0]
-    dev = bd.device
-    x1, _, x2, _ = bd.unbind(1)
-    w = x2 - x1
+    x1, x2 = bd[:, 0], bd[:, 2]
     lo, X = _key_frame(bd)
     u1 = x1 - lo  # [V] in [0, span]
-    u_hi = torch.maximum(u1 + (1 - tp) * w, u1)  # x2 - t' w, never left of x1
-
-    if not levels:
-        off = cls.double() * X
-        key_s, perm = torch.sort(off + u1)
-        end = torch.searchsorted(key_s, (off + u_hi).index_select(0, perm), right=True)
-        start = torch.arange(1, v + 1, device=dev)
-        return perm, start - 1, start, (end - start).clamp_(min=0), True  # sorted box p: p+1 .. end-1
-
-    h = bd[:, 3] - bd[:, 1]
-    lw = torch.frexp(w)[1].long() - 1  # w in [2^lw, 2^(lw + 1))
-    lh = torch.frexp(h)[1].long() - 1
-    lw0, lh0 = int(lw.min()), int(lh.min())
-    nw, nh = int(lw.max()) - lw0 + 1, int(lh.max()) - lh0 + 1
-    group = (cls * nw + (lw - lw0)) * nh + (lh - lh0)
-    key_s, perm = torch.sort(group.double() * X + u1)
-    group, lw, lh, w, h, u1, u_hi = (x.index_select(0, perm) for x in (group, lw, lh, w, h, u1, u_hi))
-    # level ranges by (b), clipped to the levels present
-    lw_top = torch.clamp(torch.frexp(w / tp)[1] - 1, max=lw0 + nw - 1)
-    lh_bot = torch.clamp(torch.frexp(h * tp)[1] - 1, min=lh0)
-    lh_top = torch.clamp(torch.frexp(h / tp)[1] - 1, max=lh0 + nh - 1)
-    dw = torch.arange(int((lw_top - lw).max()) + 1, device=dev)[:, None, None]  # [Dw, 1, 1]
-    dh_lo = int((lh_bot - lh).min())
-    dh = torch.arange(dh_lo, int((lh_top - lh).max()) + 1, device=dev)[None, :, None]  # [1, Dh, 1]
-    ok = (lw + dw <= lw_top) & (lh + dh >= lh_bot) & (lh + dh <= lh_top)  # [Dw, Dh, V]
-    ok &= (dw > 0) | (dh >= 0)  # only groups from the own one on
-    # queries slot-major, boxes in sorted order within a slot: nearly sorted keys, fast searches
-    qdw, qdh, p = ok.nonzero().unbind(1)  # [Q] each
-    qdh = qdh + dh_lo
-    g = group.index_select(0, p) + qdw * nh + qdh
-    up = u1.index_select(0, p)
-    wmax = torch.exp2((lw.index_select(0, p) + qdw + 1).double())  # widths in the target group < wmax
-    lo_u = torch.where((qdw == 0) & (qdh == 0), up, (up - (1 - tp) * wmax).clamp_(min=-X / 4))
-    gX = g.double() * X
-    start = torch.searchsorted(key_s, gX + lo_u, right=False)
-    end = torch.searchsorted(key_s, gX + u_hi.index_select(0, p), right=True)
-    start = torch.maximum(start, p + 1)  # own group: the boxes after p only
-    return perm, p, start, (end - start).clamp_(min=0), False
+    u_hi = torch.maximum(u1 + (1 - tp) * (x2 - x1), u1)  # x2 - t' w, never left of x1
+    off = cls.double() * X
+    key_s, perm = torch.sort(off + u1)
+    end = torch.searchsorted(key_s, (off + u_hi).index_select(0, perm), right=True)
+    start = torch.arange(1, v + 1, device=bd.device)
+    return perm, start - 1, start, (end - start).clamp_(min=0)  # sorted box p: p+1 .. end-1
 
 
 def _windows_cross(qd: Tensor, cq: Tensor, kd: Tensor, ck: Tensor, tp: float):
