@@ -9,11 +9,12 @@ losses, with widths/heights clamped at 0 for degenerate boxes), including the ti
 
 How it is fast without a compiler (eager PyTorch ops only, each writing into a preallocated row):
 
-* **Coordinate rows, chunk by chunk.** A chunk of pairs is transposed once into rows (x1, y1,
-  x2, y2) per box, so every later op runs on contiguous rows and handles x and y together
-  (``[2, c]`` or ``[2, 2, c]`` blocks). The workspace (~80 rows per chunk) is allocated once per
-  thread and reused, and every view of it is built once: a view costs about as much Python as an
-  op on a few thousand numbers.
+* **Coordinate rows, chunk by chunk.** A chunk of pairs (128k on CPU) is transposed once into
+  rows (x1, y1, x2, y2) per box, so every later op runs on contiguous rows and handles x and y
+  together (``[2, c]`` or ``[2, 2, c]`` blocks): about 45 ops per chunk for GIoU, 60 for CIoU,
+  loss and gradient together. The workspace (48 rows, reused as values die: 25 MB) is allocated
+  once per thread and kept, and every view of it is built once: a view costs about as much
+  Python as an op on a few thousand numbers.
 * **Six saved numbers per pair.** The IoU family is translation invariant, so per axis the four
   coordinate gradients sum to zero: backward rebuilds the target's (x2, y2) gradient from the
   other six. When ``target`` needs no gradient only the prediction's four are kept. In float32
@@ -39,9 +40,10 @@ distance between the centres and c the diagonal of C (eps guards every division,
 1 / (w^2 + h^2) factor: ``(-h, +w)`` times ``8/pi^2 * alpha * (atan(w_g/h_g) - atan(w/h))`` for the
 prediction and ``(+h_g, -w_g)`` for the target.
 
-References: Yu et al., "UnitBox", arXiv:1608.01471; Rezatofighi et al., "Generalized Intersection
-over Union", arXiv:1902.09630; Zheng et al., "Distance-IoU Loss: Faster and Better Learning for
-Bounding Box Regression", arXiv:1911.08287.
+References: Yu et al., "UnitBox: An Advanced Object Detection Network", ACM MM 2016,
+arXiv:1608.01471; Rezatofighi et al., "Generalized Intersection over Union: A Metric and A Loss for
+Bounding Box Regression", CVPR 2019, arXiv:1902.09630; Zheng et al., "Distance-IoU Loss: Faster and
+Better Learning for Bounding Box Regression", AAAI 2020, arXiv:1911.08287.
 """
 
 from __future__ import annotations
@@ -436,11 +438,11 @@ def _forward(
 def _backward(grad_out: Tensor, g: Tensor, need_target: bool, chunk: int | None) -> tuple[Tensor, Tensor | None]:
     """``[N, 4]`` gradients of pred and target from the saved q-form rows ``g`` and ``dL_total/dL``.
 
-    Per chunk: scale the rows by the incoming gradient and the q-sign (in cache), add the target's
-    hi rows (the four x-gradients of a pair sum to zero, likewise y), then interleave them into the
-    ``[N, 4]`` outputs. The interleaving writes pairs (x, y) as one complex number: the elementwise
-    kernels handle a long loop of 8-byte strided writes far better than the transposed ``[4, N]``
-    view (an inner loop of length 4).
+    Per chunk: scale the rows by the incoming gradient and the sign of each row (in cache), add
+    the target's x2, y2 rows (the four x-gradients of a pair sum to zero, likewise y), then
+    interleave them into the ``[N, 4]`` outputs with ``Tensor.copy_`` from the padded workspace
+    rows (its general strided loop: ~0.6 ns a number, against ~2-5 ns for an elementwise op
+    writing into the transposed view, whose inner loop is 4 long).
     """
     rows, n = g.shape
     device, dtype = g.device, g.dtype
@@ -530,6 +532,22 @@ def iou_family_loss(
         The unreduced loss ``[...]``. Its backward needs 6 numbers per pair (4 when ``target``
         does not require grad): 24 bytes in float32, against ~112-152 for torchvision's tape.
     """
+    for name, value, valid in (
+        ("kind", kind, KINDS),
+        ("mode", mode, ("linear", "log")),
+        ("ciou_grad", ciou_grad, ("exact", "paper")),
+        ("alpha", alpha, ("standard", "gated")),
+    ):
+        if value not in valid:
+            raise ValueError(f"{name} must be one of {valid}, got {value!r}")
+    if pred.shape != target.shape or pred.shape[-1:] != (4,):
+        raise ValueError(f"pred and target must have the same shape [..., 4], got {tuple(pred.shape)} "
+                         f"and {tuple(target.shape)}")
+    if pred.dtype not in (torch.float32, torch.float64) or target.dtype != pred.dtype:
+        raise TypeError(f"pred and target must both be float32 or float64 (the losses upcast half "
+                        f"precision), got {pred.dtype} and {target.dtype}")
+    if chunk is not None and not (isinstance(chunk, int) and chunk > 0):
+        raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
     log = kind == "iou" and mode == "log"
     paper = kind == "ciou" and ciou_grad == "paper"
     gated = kind == "ciou" and alpha == "gated"

@@ -10,6 +10,11 @@ boxes or encoded deltas for the L-norm losses. The per-pair loss (``reduction="n
 ``[..., 4]`` (per coordinate; the IoU family averages it over the coordinates, as MMDetection does).
 ``avg_factor`` replaces the number of elements in the mean (MMDetection semantics). The mean of an
 empty input is 0 and keeps the graph. Float16/bfloat16 inputs are computed and returned in float32.
+
+The IoU family runs on :func:`boxloss._kernels.iou_family_loss`: loss and gradient in closed form
+in one forward sweep, 6 numbers per pair kept for backward (4 when the target needs no gradient),
+the same values and gradients as the plain-autograd formulation ``boxes._iou_family``. These
+losses are therefore differentiable once (no double backward).
 """
 
 from __future__ import annotations

@@ -322,3 +322,17 @@ def test_saved_for_backward_is_at_most_a_quarter_of_torchvision(kind):
     assert ours <= theirs / 4, (ours, theirs)
     # a target without gradient: only the prediction's four
     assert saved_bytes(lambda a, b: PUBLIC[kind](a, b), p, target.detach()) == 4 * 4 * n
+
+
+def test_kernel_argument_errors():
+    pred, target = box_pairs(5, seed=20)
+    with pytest.raises(ValueError, match="kind must be one of .* got 'ious'"):
+        _kernels.iou_family_loss(pred, target, "ious")
+    with pytest.raises(ValueError, match="ciou_grad must be one of .* got 'approx'"):
+        _kernels.iou_family_loss(pred, target, "ciou", ciou_grad="approx")
+    with pytest.raises(ValueError, match=r"same shape \[\.\.\., 4\], got \(5, 4\) and \(4, 4\)"):
+        _kernels.iou_family_loss(pred, target[:4], "giou")
+    with pytest.raises(TypeError, match="float32 or float64 .* got torch.float16"):
+        _kernels.iou_family_loss(pred.half(), target.half(), "giou")
+    with pytest.raises(ValueError, match="chunk must be a positive int or None, got 0"):
+        _kernels.iou_family_loss(pred, target, "giou", chunk=0)
