@@ -158,10 +158,8 @@ class _Workspace:
 
     def views(self, c: int) -> SimpleNamespace:
         w = self._views.get(c)
-        if w is None:
-            w = self._build(c)
-            if c == self.cap:  # other lengths occur once per call (a short input)
-                self._views[c] = w
+        if w is None:  # lengths are multiples of _BUCKET (or the chunk): a bounded set
+            w = self._views[c] = self._build(c)
         return w
 
     def _build(self, c: int) -> SimpleNamespace:
@@ -199,8 +197,6 @@ class _Workspace:
         w.B0, w.B1 = w.B.unbind(0)
         w.s = S.unbind(0)
         w.s01, w.s23 = S[0:2], S[2:4]
-        w.bw = R[0:8]  # backward: [8, c] coordinate gradients of pred and target
-        w.bw6, w.bw_hi = w.bw[0:6], w.bw[6:8]
         return w
 
 
@@ -209,16 +205,21 @@ class _Workspace:
 _local = threading.local()
 
 
-def _views(c: int, device: torch.device, dtype: torch.dtype) -> SimpleNamespace:
+def _workspace(c: int, device: torch.device, dtype: torch.dtype) -> _Workspace:
     if device.type != "cpu":
-        return _Workspace(c, device, dtype).views(c)  # the caching allocator makes this cheap on GPUs
+        return _Workspace(c, device, dtype)  # the caching allocator makes this cheap on GPUs
     cache = getattr(_local, "workspaces", None)
     if cache is None:
         cache = _local.workspaces = {}
     ws = cache.get(dtype)
     if ws is None or ws.cap < c:
-        ws = cache[dtype] = _Workspace(c, device, dtype)
-    return ws.views(c)
+        ws = cache[dtype] = _Workspace(max(c, default_chunk(device, dtype)), device, dtype)
+    return ws
+
+
+# A short input (one chunk) is padded to a multiple of _BUCKET pairs, so that its length comes
+# from a small set whose views are built once, not on every call with a new number of boxes.
+_BUCKET = 1024
 
 
 def _run_chunks(n: int, c: int, body) -> None:
@@ -236,8 +237,8 @@ def _run_chunks(n: int, c: int, body) -> None:
 
 def _chunk(
     kind: str,
-    p: Tensor,
-    t: Tensor,
+    p: Tensor | None,
+    t: Tensor | None,
     loss: Tensor,
     grad: Tensor | None,
     w: SimpleNamespace,
@@ -259,8 +260,9 @@ def _chunk(
 
     # phase 1: coordinate rows (the transposition: the only strided reads), intersection and
     # enclosing box, sizes and the differences whose signs say which box owns each edge
-    w.Q0f.copy_(p.t())
-    w.Q1f.copy_(t.t())
+    if p is not None:  # else the caller filled (and padded) the coordinate rows
+        w.Q0f.copy_(p.t())
+        w.Q1f.copy_(t.t())
     torch.maximum(w.Q0lo, w.Q1lo, out=w.Ilo)
     torch.minimum(w.Q0hi, w.Q1hi, out=w.Ihi)
     torch.sub(w.Q01hi, w.Q01lo, out=w.SZ01)  # [2 boxes, 2, c]: (w, h), unclamped
@@ -419,19 +421,34 @@ def _forward(
     p = pred.detach().reshape(-1, 4)
     t = target.detach().reshape(-1, 4)
     n, device, dtype = p.shape[0], p.device, p.dtype
-    loss = torch.empty(n, device=device, dtype=dtype)
-    grad = torch.empty(grad_rows, n, device=device, dtype=dtype) if grad_rows else None
+    chunk = chunk or default_chunk(device, dtype)
+    # one padded chunk for a short input; else full chunks, the last one overlapping its neighbour
+    c = n if n >= chunk or chunk % _BUCKET else min(-(-n // _BUCKET) * _BUCKET, chunk)
+    m = max(n, c)
+    loss = torch.empty(m, device=device, dtype=dtype)
+    grad = torch.empty(grad_rows, m, device=device, dtype=dtype) if grad_rows else None
     if n == 0:
         return loss, grad
-    c = min(n, chunk or default_chunk(device, dtype))
+    c = min(c, chunk)
     k = _Consts.get(device, dtype, eps)
+    ws = _workspace(c, device, dtype)
 
     def body(s: int) -> None:
+        w = ws.views(c)
         e = s + c
         g = None if grad is None else grad[:, s:e]
-        _chunk(kind, p[s:e], t[s:e], loss[s:e], g, _views(c, device, dtype), k, log, paper, gated)
+        if e > n:  # the padded chunk: zero boxes in the padding (finite everything), results cut off
+            w.R[0:8, n - s :].zero_()
+            w.Q0f[:, : n - s].copy_(p[s:].t())
+            w.Q1f[:, : n - s].copy_(t[s:].t())
+            _chunk(kind, None, None, loss[s:e], g, w, k, log, paper, gated)
+        else:
+            _chunk(kind, p[s:e], t[s:e], loss[s:e], g, w, k, log, paper, gated)
 
-    _run_chunks(n, c, body)
+    _run_chunks(n if n >= c else c, c, body)
+    if m > n:
+        loss = loss[:n]
+        grad = grad[:, :n] if grad is not None else None
     return loss, grad
 
 
@@ -454,15 +471,15 @@ def _backward(grad_out: Tensor, g: Tensor, need_target: bool, chunk: int | None)
     c = min(n, chunk or default_chunk(device, dtype))
     k = _Consts.get(device, dtype)
 
+    bw = _workspace(c, device, dtype).buf["R"][0:8, :c]  # [8, c]: coordinate gradients, pred then target
+
     def body(s: int) -> None:
         e = s + c
-        w = _views(c, device, dtype)
-        bw = w.bw6[:rows]
-        torch.mul(g[:, s:e], go[:, s:e], out=bw).mul_(k.grad_sign[:rows])  # coordinate gradients
-        gp[s:e].copy_(w.bw6[0:4].t())
+        torch.mul(g[:, s:e], go[:, s:e], out=bw[:rows]).mul_(k.grad_sign[:rows])
+        gp[s:e].copy_(bw[0:4].t())
         if need_target:
-            torch.add(w.bw6[0:2], w.bw6[2:4], out=w.bw_hi).add_(w.bw6[4:6]).neg_()  # the four sum to 0
-            gt[s:e].copy_(w.bw[4:8].t())
+            torch.add(bw[0:2], bw[2:4], out=bw[6:8]).add_(bw[4:6]).neg_()  # the four sum to 0
+            gt[s:e].copy_(bw[4:8].t())
 
     _run_chunks(n, c, body)
     return gp, gt
