@@ -303,9 +303,9 @@ def _greedy(b: Tensor, area: Tensor, cls: Tensor, t: float, tp: float, beta: flo
     ``block`` of the boxes still alive, resolve it exactly on its own (edges within the block,
     :func:`_resolve`), then drop from the rest every box that one of the block's kept boxes
     suppresses (:func:`_suppressed_by`); repeat on the survivors. One stage is the whole problem
-    unless the candidate windows are long (dense clusters): there the best-ranked quarter first
-    settles each cluster's best boxes, which then remove most of the cluster at the cost of one
-    kept-box comparison each, instead of the cluster's all-pairs edges.
+    unless the candidate windows are long (dense clusters): there the best-ranked quarter (itself
+    resolved the same way) first settles each cluster's best boxes, which then remove most of the
+    cluster through the windows of the kept boxes only, instead of the cluster's all-pairs edges.
     """
     pos = None  # positions of the boxes still alive (None: all of them, in order)
     kept = []
@@ -315,8 +315,11 @@ def _greedy(b: Tensor, area: Tensor, cls: Tensor, t: float, tp: float, beta: flo
         dense = v >= 2 * _STAGE_MIN and int(windows[3].sum()) > _DENSE_MEAN_WINDOW * v
         m = max(_STAGE_MIN, v // _STAGE_DIV) if dense else v
         bb, ab, cb = b[:m], area[:m], cls[:m]  # the best-ranked block (views)
-        ia, ib = _self_edges(bb, ab, cb, t, tp, beta, distance, None if dense else windows)  # block ranks
-        kb = (~_resolve(torch.minimum(ia, ib), torch.maximum(ia, ib), m)).nonzero().squeeze(1)
+        if dense:
+            kb = _greedy(bb, ab, cb, t, tp, beta, distance)  # the block may be dense too: recurse
+        else:
+            ia, ib = _self_edges(bb, ab, cb, t, tp, beta, distance, windows)  # positions = ranks
+            kb = (~_resolve(torch.minimum(ia, ib), torch.maximum(ia, ib), m)).nonzero().squeeze(1)
         kept.append(kb if pos is None else pos.index_select(0, kb))
         if m == v:
             break
