@@ -16,9 +16,9 @@ For each size (1,000 / 5,000 / 20,000 boxes) and 1 or 80 classes it times
 ``boxloss.diou_nms`` / ``batched_diou_nms`` with the distance term (DIoU-NMS) and without it
 (plain NMS) against ``torchvision.ops.nms`` (1 class) / ``torchvision.ops.batched_nms`` (80
 classes, which computes plain IoU). Calls are interleaved round-robin so that load from other
-processes hits all of them alike; each time is the median over ``--repeats`` rounds after
-``--warmup`` rounds. Ratios are ours / torchvision (< 1 is faster). It also checks that
-``distance=False`` returns exactly torchvision's indices.
+processes hits all of them alike (the order rotates every round); each time is the median over
+``--repeats`` rounds after ``--warmup`` rounds. Ratios are ours / torchvision (< 1 is faster).
+It also checks that ``distance=False`` returns exactly torchvision's indices.
 """
 
 from __future__ import annotations
@@ -80,12 +80,14 @@ def detector_like(
 
 
 def time_round_robin(fns: dict, repeats: int, warmup: int) -> dict:
-    """Median seconds per call of each function, calling them in turn each round."""
-    times = {k: [] for k in fns}
+    """Median seconds per call of each function, calling them in turn each round (the order rotates
+    from round to round, so no function always runs first, right after another's work)."""
+    names = list(fns)
+    times = {k: [] for k in names}
     for r in range(warmup + repeats):
-        for k, fn in fns.items():
+        for k in names[r % len(names) :] + names[: r % len(names)]:
             t0 = time.perf_counter()
-            fn()
+            fns[k]()
             if r >= warmup:
                 times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
