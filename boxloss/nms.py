@@ -100,7 +100,8 @@ def diou_nms(
             ``torchvision.ops.nms`` on valid boxes.
 
     Returns:
-        ``[K]`` int64 indices of the kept boxes, by decreasing score (ties by index).
+        ``[K]`` int64 indices of the kept boxes, by decreasing score (ties by index). Boxes of zero
+        or non-finite area (IoU 0 or NaN with everything) are always kept. Scores must not be NaN.
 
     Reference:
         Zheng et al., "Distance-IoU Loss: Faster and Better Learning for Bounding Box Regression",
