@@ -113,7 +113,10 @@ class _Consts:
         def full(v):
             return torch.full((), v, device=device, dtype=dtype)
 
-        self.eps, self.zero, self.one, self.half, self.k4 = (full(v) for v in (eps, 0.0, 1.0, 0.5, _K4))
+        self.eps, self.zero, self.one, self.half, self.minus_half, self.k4 = (
+            full(v) for v in (eps, 0.0, 1.0, 0.5, -0.5, _K4)
+        )
+        self.half_lohi = torch.tensor([0.5, -0.5], device=device, dtype=dtype).view(2, 1, 1)
         # CIoU: d(-alpha v)/d(w, h) = -alpha dv: +2k for the prediction (dv has -2k delta), -2k target
         self.aspect_sign = torch.tensor([[2 * _K4], [-2 * _K4]], device=device, dtype=dtype)  # [2, 1]
         # backward: saved d(-L)/dq rows -> dL/d(coordinate): pred lo, pred hi, target lo
@@ -132,7 +135,7 @@ class _Workspace:
     _SHAPES = {
         "R": (16,),  # coordinates, then clamped sizes and products, then the last temporaries
         "SZ": (4, 2),  # (w, h) of pred, target, intersection, enclosing (unclamped), then masks
-        "D": (2, 2),  # (x1 - x1g, y1 - y1g, x2g - x2, y2g - y2), then the tie weights
+        "D": (2, 2),  # (x1 - x1g, y1 - y1g, x2 - x2g, y2 - y2g), then the tie weights
         "GE": (2,),  # GIoU: d(-L)/d(cw, ch)
         "H": (2,),  # DIoU/CIoU: half centre offsets, then d(-L)/d(centre offset)
         "GWH": (2, 2),  # CIoU: d(-L)/d(w, h) of pred and target before the clamp mask
@@ -169,15 +172,16 @@ class _Workspace:
         # phase 1: coordinate rows of pred, target, intersection, enclosing box: [group, lo|hi, x|y, c]
         Q = R.unflatten(0, (4, 2, 2))
         w.Q0f, w.Q1f = R[0:4], R[4:8]  # targets of the transposition
-        w.Q01hi, w.Q01lo, w.Q23hi, w.Q23lo = Q[0:2, 1], Q[0:2, 0], Q[2:4, 1], Q[2:4, 0]
         w.Q0lo, w.Q0hi, w.Q1lo, w.Q1hi = Q[0, 0], Q[0, 1], Q[1, 0], Q[1, 1]  # [x|y, c] each
         w.Ilo, w.Ihi, w.Elo, w.Ehi = Q[2, 0], Q[2, 1], Q[3, 0], Q[3, 1]
+        w.Qhi, w.Qlo, w.Qhi3, w.Qlo3 = Q[:, 1], Q[:, 0], Q[:3, 1], Q[:3, 0]
+        w.Df = D.flatten(0, 1)
         w.Dlo, w.Dhi = D.unbind(0)
-        w.SZ01, w.SZ2, w.SZ23, w.cwh = SZ[0:2], SZ[2], SZ[2:4], SZ[3]
+        w.SZ01, w.SZ2, w.SZ3, w.cwh = SZ[0:2], SZ[2], SZ[0:3], SZ[3]
         w.cw, w.ch = SZ[3].unbind(0)
         # phase 2 (the coordinates are dead once the sizes and D are taken): clamped sizes, products
         CL = R[0:6].unflatten(0, (3, 2))  # pred, target, intersection
-        w.CL01, w.CL2, w.CLw, w.CLh = CL[0:2], CL[2], CL[:, 0], CL[:, 1]
+        w.CL, w.CLw, w.CLh = CL, CL[:, 0], CL[:, 1]
         w.wb, w.hb = CL[0:2, 0], CL[0:2, 1]  # [2 boxes, c]
         w.iw_c, w.ih_c = CL[2].unbind(0)
         w.P = R[6:9]
@@ -185,7 +189,7 @@ class _Workspace:
         w.he, w.at = R[12:14], R[14:16]  # CIoU: [2 boxes, c] each
         w.at0, w.at1 = w.at.unbind(0)
         # phase 3 (gradient): masks in place of the sizes, aspect scratch, then the last temporaries
-        w.MK01, w.MK2, w.MKw, w.MKh = SZ[0:2], SZ[2], SZ[0:2, 0], SZ[0:2, 1]
+        w.MK, w.MK01, w.MK2, w.MKw, w.MKh = SZ[0:3], SZ[0:2], SZ[2], SZ[0:2, 0], SZ[0:2, 1]
         w.MK2_0, w.MK2_1 = SZ[2].unbind(0)
         w.aq, w.den = R[6:8], R[8:10]  # CIoU (the products are dead)
         w.GE0, w.GE1 = b["GE"].unbind(0)
@@ -265,20 +269,19 @@ def _chunk(
         w.Q1f.copy_(t.t())
     torch.maximum(w.Q0lo, w.Q1lo, out=w.Ilo)
     torch.minimum(w.Q0hi, w.Q1hi, out=w.Ihi)
-    torch.sub(w.Q01hi, w.Q01lo, out=w.SZ01)  # [2 boxes, 2, c]: (w, h), unclamped
     if box:
         torch.minimum(w.Q0lo, w.Q1lo, out=w.Elo)
         torch.maximum(w.Q0hi, w.Q1hi, out=w.Ehi)
-        torch.sub(w.Q23hi, w.Q23lo, out=w.SZ23)  # intersection and enclosing box
+        torch.sub(w.Qhi, w.Qlo, out=w.SZ)  # [4 groups, 2, c]: (w, h), unclamped
     else:
-        torch.sub(w.Ihi, w.Ilo, out=w.SZ2)
+        torch.sub(w.Qhi3, w.Qlo3, out=w.SZ3)
     if centre or want_grad:
-        torch.sub(w.Q0lo, w.Q1lo, out=w.Dlo)  # x1 - x1g: > 0 where the pred owns max(x1, x1g)
-        torch.sub(w.Q1hi, w.Q0hi, out=w.Dhi)  # x2g - x2: > 0 where it owns min(x2, x2g)
+        # (x1 - x1g, y1 - y1g, x2 - x2g, y2 - y2g): the pred owns max(x1, x1g) where the first is
+        # > 0 and min(x2, x2g) where the second is < 0
+        torch.sub(w.Q0f, w.Q1f, out=w.Df)
 
     # phase 2: values
-    torch.clamp(w.SZ01, min=0, out=w.CL01)  # widths and heights at 0
-    torch.clamp(w.SZ2, min=0, out=w.CL2)  # the intersection relu'd
+    torch.clamp(w.SZ3, min=0, out=w.CL)  # widths and heights at 0, the intersection relu'd
     torch.mul(w.CLw, w.CLh, out=w.P)  # [3, c]: A1, A2, inter (0 unless iw > 0 and ih > 0)
     union, ue, iou = s[0], s[2], s[4]
     torch.add(w.a1, w.a2, out=union).sub_(w.inter)
@@ -296,7 +299,7 @@ def _chunk(
     if centre:
         c2, dterm, rho2, hc, metric = s[1], s[6], s[7], w.H, s[5]
         torch.mul(w.cw, w.cw, out=c2).addcmul_(w.ch, w.ch).add_(eps)  # squared diagonal of C, + eps
-        torch.sub(w.Dhi, w.Dlo, out=hc).mul_(k.half)  # -((x1 + x2) - (x1g + x2g)) / 2, same for y
+        torch.add(w.Dlo, w.Dhi, out=hc).mul_(k.minus_half)  # -((x1 + x2) - (x1g + x2g)) / 2, same for y
         torch.mul(w.H0, w.H0, out=rho2).addcmul_(w.H1, w.H1)
         torch.div(rho2, c2, out=dterm)
         torch.sub(iou, dterm, out=metric)
@@ -335,12 +338,13 @@ def _chunk(
         torch.addcmul(k.zero, iou, r, value=-1, out=m_u)
     torch.sub(r, m_u, out=m_i)
 
-    # clamp masks, in place of the sizes (torch.heaviside would take one op, but is ~30x slower)
+    # clamp masks, in place of the sizes (torch.heaviside would take one op, but is ~30x slower);
+    # the intersection mask is strict (torchvision's), as clamp's in current PyTorch
     if k.clamp_grad_at_zero:  # older PyTorch: clamp(min=0) passes the gradient at exactly 0
         torch.ge(w.SZ01, 0, out=w.MK01)
+        torch.gt(w.SZ2, 0, out=w.MK2)
     else:
-        torch.gt(w.SZ01, 0, out=w.MK01)
-    torch.gt(w.SZ2, 0, out=w.MK2)  # the intersection mask is strict (torchvision's)
+        torch.gt(w.SZ3, 0, out=w.MK)
     # d(inter)/d(iw) = ih * [iw > 0] * [ih > 0] = relu(ih) * [iw > 0]
     w.MK2_0.mul_(w.ih_c)
     w.MK2_1.mul_(w.iw_c)
@@ -382,8 +386,7 @@ def _chunk(
     #   d/dq = d/dw + WI d/diw + (1 - WI) d/dcw (-/+ d/d(centre offset) for lo/hi)
     # the target's: d/dw_g + (1 - WI) d/diw + WI d/dcw (+/- the centre term), where WI, the pred's
     # weight in the intersection edge, is 1, 0, or 1/2 at a tie (torch.max/min split the gradient)
-    w.D.sign_()
-    torch.add(k.half, w.D, alpha=0.5, out=w.WI)
+    torch.addcmul(k.half, w.D.sign_(), k.half_lohi, out=w.WI)  # 1/2 + (1/2, -1/2) sign
     g1 = grad[0:4].unflatten(0, (2, 2))  # [lo|hi, x|y, c]
     if box:
         torch.lerp(GE, GI, w.WI, out=w.T)  # exact at WI in {0, 1}
