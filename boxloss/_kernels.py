@@ -116,7 +116,6 @@ class _Consts:
         self.eps, self.zero, self.one, self.half, self.minus_half, self.k4 = (
             full(v) for v in (eps, 0.0, 1.0, 0.5, -0.5, _K4)
         )
-        self.half_lohi = torch.tensor([0.5, -0.5], device=device, dtype=dtype).view(2, 1, 1)
         # CIoU: d(-alpha v)/d(w, h) = -alpha dv: +2k for the prediction (dv has -2k delta), -2k target
         self.aspect_sign = torch.tensor([[2 * _K4], [-2 * _K4]], device=device, dtype=dtype)  # [2, 1]
         # backward: saved d(-L)/dq rows -> dL/d(coordinate): pred lo, pred hi, target lo
@@ -138,7 +137,7 @@ class _Workspace:
         "D": (2, 2),  # (x1 - x1g, y1 - y1g, x2 - x2g, y2 - y2g), then the tie weights
         "GE": (2,),  # GIoU: d(-L)/d(cw, ch)
         "H": (2,),  # DIoU/CIoU: half centre offsets, then d(-L)/d(centre offset)
-        "GWH": (2, 2),  # CIoU: d(-L)/d(w, h) of pred and target before the clamp mask
+        "SIDE": (2, 2),  # older PyTorch only: per-side clamp masks of the boxes
         "S": (12,),  # per-pair scalars
     }
 
@@ -189,12 +188,11 @@ class _Workspace:
         w.he, w.at = R[12:14], R[14:16]  # CIoU: [2 boxes, c] each
         w.at0, w.at1 = w.at.unbind(0)
         # phase 3 (gradient): masks in place of the sizes, aspect scratch, then the last temporaries
-        w.MK, w.MK01, w.MK2, w.MKw, w.MKh = SZ[0:3], SZ[0:2], SZ[2], SZ[0:2, 0], SZ[0:2, 1]
-        w.MK2_0, w.MK2_1 = SZ[2].unbind(0)
-        w.aq, w.den = R[6:8], R[8:10]  # CIoU (the products are dead)
+        w.GX, w.GX01, w.GX_w, w.GX_h = SZ[0:3], SZ[0:2], SZ[0:3, 0], SZ[0:3, 1]
+        w.GX_w01, w.GX_h01, w.GX_w2, w.GX_h2 = SZ[0:2, 0], SZ[0:2, 1], SZ[2, 0], SZ[2, 1]
+        w.aq = R[14:16]  # CIoU, in place of atan(w / h)
         w.GE0, w.GE1 = b["GE"].unbind(0)
         w.H0, w.H1 = b["H"].unbind(0)
-        w.GWH_w, w.GWH_h = b["GWH"][:, 0], b["GWH"][:, 1]
         w.WI, w.WI0 = D, D[0]  # in place
         w.T = R[6:10].unflatten(0, (2, 2))  # [lo|hi, x|y, c]
         w.B = R[12:16].unflatten(0, (2, 2))
@@ -338,18 +336,6 @@ def _chunk(
         torch.addcmul(k.zero, iou, r, value=-1, out=m_u)
     torch.sub(r, m_u, out=m_i)
 
-    # clamp masks, in place of the sizes (torch.heaviside would take one op, but is ~30x slower);
-    # the intersection mask is strict (torchvision's), as clamp's in current PyTorch
-    if k.clamp_grad_at_zero:  # older PyTorch: clamp(min=0) passes the gradient at exactly 0
-        torch.ge(w.SZ01, 0, out=w.MK01)
-        torch.gt(w.SZ2, 0, out=w.MK2)
-    else:
-        torch.gt(w.SZ3, 0, out=w.MK)
-    # d(inter)/d(iw) = ih * [iw > 0] * [ih > 0] = relu(ih) * [iw > 0]
-    w.MK2_0.mul_(w.ih_c)
-    w.MK2_1.mul_(w.iw_c)
-    GI = w.MK2.mul_(m_i)  # [2, c]: d(-L)/d(iw, ih)
-
     # enclosing box: gradient w.r.t. its (cw, ch), and the centre term
     if kind == "giou":  # d(-L)/d|C| = -(U + eps) / (|C| + eps)^2
         torch.mul(ue, r_c, out=g_c)
@@ -363,30 +349,50 @@ def _chunk(
         GE = w.cwh.mul_(g_c)
         g_rho = hc.mul_(r2)  # [2, c]
 
-    # pred and target sizes: d(-L)/d(w, h) = m_u (h, w) [- alpha dv/d(w, h)], masked by the clamp
+    # d(-L)/d(w, h) of pred, target (through their areas, + CIoU's aspect term) and intersection,
+    # masked by the subgradients: into GX = [pred | target | inter, w | h, c], in place of the
+    # (dead) first three sizes. The intersection is torchvision's where((iw > 0) & (ih > 0), iw ih, 0),
+    # so d/diw = ih [iw h > 0]: one comparison of the area, not of each side (the same unless
+    # iw ih underflows, below 1e-38). With clamp's strict subgradient (current PyTorch) the boxes'
+    # widths and heights follow the same rule.
+    m_area = torch.gt(w.P, 0, out=w.P)  # [3, c]: A1 > 0, A2 > 0, inter > 0 (the products are dead)
+    side = None
+    if kind == "ciou" or k.clamp_grad_at_zero:
+        # per side for the boxes: CIoU's aspect term depends on w and h apart (d/dw is not zero
+        # where h = 0), and older PyTorch's clamp(min=0) passes the gradient at exactly 0
+        side = (torch.ge if k.clamp_grad_at_zero else torch.gt)(w.SZ01, 0, out=w.SIDE)  # [2, w|h, c]
+        m_area[0:2].fill_(1)
     if kind == "ciou":
         cf = delta.mul_(alpha)
         if paper:
             torch.mul(cf, k.aspect_sign, out=w.aq)
             hv = w.hb  # the authors' dv: no eps and no 1 / (w^2 + h^2)
         else:
-            torch.mul(w.he, w.he, out=w.den).addcmul_(w.wb, w.wb)
-            torch.div(cf, w.den, out=w.aq).mul_(k.aspect_sign)
+            torch.mul(w.he, w.he, out=w.aq).addcmul_(w.wb, w.wb)
+            torch.div(cf, w.aq, out=w.aq).mul_(k.aspect_sign)
             hv = w.he
         # d(-L)/dw_b = m_u h_b + aq_b hv_b ;  d(-L)/dh_b = (m_u - aq_b) w_b
-        torch.mul(hv, w.aq, out=w.GWH_w).addcmul_(w.hb, m_u)
-        torch.sub(m_u, w.aq, out=w.GWH_h).mul_(w.wb)
-        GWH = w.MK01.mul_(w.GWH)  # masked by the clamp
+        torch.mul(hv, w.aq, out=w.GX_w01).addcmul_(w.hb, m_u)
+        torch.sub(m_u, w.aq, out=w.GX_h01).mul_(w.wb)
+        m_area[2].mul_(m_i)
+        torch.mul(w.ih_c, m_area[2], out=w.GX_w2)
+        torch.mul(w.iw_c, m_area[2], out=w.GX_h2)
     else:
-        w.MKw.mul_(w.hb)  # d(area)/dw = h [w > 0]
-        w.MKh.mul_(w.wb)
-        GWH = w.MK01.mul_(m_u)  # [2 boxes, w|h, c]
+        m_area[0:2].mul_(m_u)  # [3, c]: each area's masked d(-L)/d(area)
+        m_area[2].mul_(m_i)
+        torch.mul(w.CLh, m_area, out=w.GX_w)  # d(area)/dw = h, for all three at once
+        torch.mul(w.CLw, m_area, out=w.GX_h)
+    if side is not None:
+        w.GX01.mul_(side)
+    GWH, GI = w.GX01, w.GX[2]  # [2 boxes, w|h, c], [w|h, c]
 
     # q-form coordinate gradients. For q-row (lo|hi, x|y) of the prediction:
     #   d/dq = d/dw + WI d/diw + (1 - WI) d/dcw (-/+ d/d(centre offset) for lo/hi)
     # the target's: d/dw_g + (1 - WI) d/diw + WI d/dcw (+/- the centre term), where WI, the pred's
     # weight in the intersection edge, is 1, 0, or 1/2 at a tie (torch.max/min split the gradient)
-    torch.addcmul(k.half, w.D.sign_(), k.half_lohi, out=w.WI)  # 1/2 + (1/2, -1/2) sign
+    w.D.sign_()
+    torch.add(k.half, w.D[0], alpha=0.5, out=w.WI[0])  # (one op with a [2, 1, 1] factor is 3x slower)
+    torch.add(k.half, w.D[1], alpha=-0.5, out=w.WI[1])
     g1 = grad[0:4].unflatten(0, (2, 2))  # [lo|hi, x|y, c]
     if box:
         torch.lerp(GE, GI, w.WI, out=w.T)  # exact at WI in {0, 1}

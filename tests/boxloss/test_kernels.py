@@ -336,3 +336,31 @@ def test_kernel_argument_errors():
         _kernels.iou_family_loss(pred.half(), target.half(), "giou")
     with pytest.raises(ValueError, match="chunk must be a positive int or None, got 0"):
         _kernels.iou_family_loss(pred, target, "giou", chunk=0)
+
+
+@pytest.mark.parametrize("kind", list(PUBLIC))
+def test_older_pytorch_clamp_semantics(kind, monkeypatch):
+    """Older PyTorch passes clamp(min=0)'s gradient at exactly 0; the kernel follows the installed one.
+
+    Forced here: identical results away from zero sizes, finite everywhere, and at a zero width the
+    width's gradient through the area (d|B|/dw = h) is kept instead of dropped.
+    """
+    monkeypatch.setattr(_kernels, "_clamp_grad_at_zero", lambda: True)
+    monkeypatch.setattr(_kernels._Consts, "_cache", {})
+    pred, target = box_pairs(500, seed=22, dtype=torch.float64)
+    got = value_and_grads(kernel_loss, pred, target, kind=kind)
+    want = value_and_grads(reference_loss, pred, target, kind=kind)
+    for a, b in zip(got, want):
+        assert_close_scaled(a, b, 1e-10)
+    dp, dt = degenerate_pairs(torch.float64)
+    assert all(torch.isfinite(x).all() for x in value_and_grads(kernel_loss, dp, dt, kind=kind))
+    # GIoU of [0, 0, 0, 5] (zero width) against [0, 0, 2, 5]: I = 0, U = |C| = 10, and
+    # dL/dU = d((|C| - U) / |C|)/dU = -1/10; dU/dx2 = d|B|/dw = h = 5 only where the clamp passes
+    p = torch.tensor([[0.0, 0.0, 0.0, 5.0]], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([[0.0, 0.0, 2.0, 5.0]], dtype=torch.float64)
+    (g_old,) = torch.autograd.grad(boxloss.giou_loss(p, t), p)
+    monkeypatch.setattr(_kernels, "_clamp_grad_at_zero", lambda: False)
+    monkeypatch.setattr(_kernels._Consts, "_cache", {})
+    (g_new,) = torch.autograd.grad(boxloss.giou_loss(p, t), p)
+    # so the older gradient of x2 has -1/10 * 5 = -0.5 more (x1: +0.5)
+    torch.testing.assert_close((g_old - g_new)[0, 2], torch.tensor(-0.5, dtype=torch.float64), rtol=1e-6, atol=1e-9)
