@@ -118,8 +118,6 @@ class _Consts:
         )
         # CIoU: d(-alpha v)/d(w, h) = -alpha dv: +2k for the prediction (dv has -2k delta), -2k target
         self.aspect_sign = torch.tensor([[2 * _K4], [-2 * _K4]], device=device, dtype=dtype)  # [2, 1]
-        # backward: saved d(-L)/dq rows -> dL/d(coordinate): pred lo, pred hi, target lo
-        self.grad_sign = torch.tensor([[1.0], [1.0], [-1.0], [-1.0], [1.0], [1.0]], device=device, dtype=dtype)
         self.clamp_grad_at_zero = _clamp_grad_at_zero()
 
 
@@ -195,6 +193,7 @@ class _Workspace:
         w.H0, w.H1 = b["H"].unbind(0)
         w.WI, w.WI0 = D, D[0]  # in place
         w.T = R[6:10].unflatten(0, (2, 2))  # [lo|hi, x|y, c]
+        w.X = R[0:2]
         w.B = R[12:16].unflatten(0, (2, 2))
         w.B0, w.B1 = w.B.unbind(0)
         w.s = S.unbind(0)
@@ -228,7 +227,9 @@ def _run_chunks(n: int, c: int, body) -> None:
     """Call ``body(start)`` for the chunks ``[start, start + c)`` covering ``[0, n)``.
 
     The last chunk is moved back to end at ``n`` (it overlaps the one before and recomputes the
-    same values), so every chunk has length ``c`` and the same cached views.
+    same values), so every chunk has length ``c`` and the same cached views. (Running chunks on
+    several Python threads was tried: the ops release the GIL, but their Python side does not,
+    and it was 1.5-3x slower than one thread whose large ops OpenMP spreads over the cores.)
     """
     # inference mode: the workspace is made of inference tensors, whose ops skip the version
     # counter and autograd bookkeeping (~15% of an op's fixed cost)
@@ -393,7 +394,8 @@ def _chunk(
     w.D.sign_()
     torch.add(k.half, w.D[0], alpha=0.5, out=w.WI[0])  # (one op with a [2, 1, 1] factor is 3x slower)
     torch.add(k.half, w.D[1], alpha=-0.5, out=w.WI[1])
-    g1 = grad[0:4].unflatten(0, (2, 2))  # [lo|hi, x|y, c]
+    # saved rows: pred lo (x1, y1), [target lo,] pred hi (x2, y2); each written once, never re-read
+    lo, hi = grad[0:2], grad[-2:]
     if box:
         torch.lerp(GE, GI, w.WI, out=w.T)  # exact at WI in {0, 1}
     else:
@@ -401,18 +403,20 @@ def _chunk(
     if centre:
         torch.sub(GWH[0], g_rho, out=w.B0)
         torch.add(GWH[0], g_rho, out=w.B1)
-        torch.add(w.T, w.B, out=g1)
+        torch.add(w.T[0], w.B0, out=lo)
+        torch.add(w.T[1], w.B1, out=hi)
     else:
-        torch.add(w.T, GWH[0], out=g1)
+        torch.add(w.T[0], GWH[0], out=lo)
+        torch.add(w.T[1], GWH[0], out=hi)
     if grad.shape[0] == 6:  # target lo rows; its hi rows follow from translation invariance in backward
-        g2 = grad[4:6]
+        x = w.X  # scratch (the clamped sizes are dead)
         if box:
-            torch.lerp(GI, GE, w.WI0, out=g2)
+            torch.lerp(GI, GE, w.WI0, out=x)
         else:
-            torch.sub(k.one, w.WI0, out=g2).mul_(GI)
-        g2.add_(GWH[1])
+            torch.sub(k.one, w.WI0, out=x).mul_(GI)
         if centre:
-            g2.add_(g_rho)
+            x.add_(g_rho)
+        torch.add(x, GWH[1], out=grad[2:4])
 
 
 def _forward(
@@ -440,10 +444,8 @@ def _forward(
         return loss, grad
     c = min(c, chunk)
     k = _Consts.get(device, dtype, eps)
-    ws = _workspace(c, device, dtype)
-
     def body(s: int) -> None:
-        w = ws.views(c)
+        w = _workspace(c, device, dtype).views(c)
         e = s + c
         g = None if grad is None else grad[:, s:e]
         if e > n:  # the padded chunk: zero boxes in the padding (finite everything), results cut off
@@ -480,13 +482,16 @@ def _backward(grad_out: Tensor, g: Tensor, need_target: bool, chunk: int | None)
     c = min(n, chunk or default_chunk(device, dtype))
     k = _Consts.get(device, dtype)
 
-    bw = _workspace(c, device, dtype).buf["R"][0:8, :c]  # [8, c]: coordinate gradients, pred then target
-
     def body(s: int) -> None:
+        bw = _workspace(c, device, dtype).buf["R"][0:8, :c]  # pred (lo, hi), target (lo, hi)
         e = s + c
-        torch.mul(g[:, s:e], go[:, s:e], out=bw[:rows]).mul_(k.grad_sign[:rows])
+        gs, gos = g[:, s:e], go[:, s:e]
+        # saved rows are d(-L)/dq, q = (-x1, -y1, x2, y2): lo rows are dL/dx1 already, hi rows flip
+        torch.mul(gs[0:2], gos, out=bw[0:2])
+        torch.addcmul(k.zero, gs[-2:], gos, value=-1, out=bw[2:4])
         gp[s:e].copy_(bw[0:4].t())
         if need_target:
+            torch.mul(gs[2:4], gos, out=bw[4:6])
             torch.add(bw[0:2], bw[2:4], out=bw[6:8]).add_(bw[4:6]).neg_()  # the four sum to 0
             gt[s:e].copy_(bw[4:8].t())
 
