@@ -363,7 +363,8 @@ def _chunk(
         # per side for the boxes: CIoU's aspect term depends on w and h apart (d/dw is not zero
         # where h = 0), and older PyTorch's clamp(min=0) passes the gradient at exactly 0
         side = (torch.ge if k.clamp_grad_at_zero else torch.gt)(w.SZ01, 0, out=w.SIDE)  # [2, w|h, c]
-        m_area[0:2].fill_(1)
+        if kind != "ciou":
+            m_area[0:2].fill_(1)
     if kind == "ciou":
         cf = delta.mul_(alpha)
         if paper:

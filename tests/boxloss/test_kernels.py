@@ -134,9 +134,10 @@ def test_parity_per_pair(dtype):
     The scale of a pair is its largest reference gradient component, or 1 / (its smallest side)
     where that is larger: the size of the terms that cancel for identical boxes (whose exact
     gradient is O(eps), so any float implementation returns rounding noise of that size there).
-    In float32 the kernel is compared with the float64 reference and may not be further from it
-    than the float32 reference is, plus 1e-6 of the scale (CIoU's aspect term, for one, is
-    computed with one atan instead of a difference of two, which is more accurate).
+    In float32 both are compared with the float64 reference: the kernel may not be further from
+    it than the float32 reference is, plus 1e-6 of the scale (in float32 the reference's own
+    rounding reaches ~1e-6 of a pair's scale, e.g. CIoU's paper gradient multiplies the rounding
+    of atan(w_g/h_g) - atan(w/h) by h).
     """
     pred, target = box_pairs(1000, seed=4, dtype=dtype)
     sides = torch.cat([pred[:, 2:] - pred[:, :2], target[:, 2:] - target[:, :2]], 1)
