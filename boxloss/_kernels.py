@@ -11,10 +11,11 @@ How it is fast without a compiler (eager PyTorch ops only, each writing into a p
 
 * **Coordinate rows, chunk by chunk.** A chunk of pairs (128k on CPU) is transposed once into
   rows (x1, y1, x2, y2) per box, so every later op runs on contiguous rows and handles x and y
-  together (``[2, c]`` or ``[2, 2, c]`` blocks): about 45 ops per chunk for GIoU, 60 for CIoU,
+  together (``[2, c]`` or ``[2, 2, c]`` blocks): about 40 ops per chunk for GIoU, 55 for CIoU,
   loss and gradient together. The workspace (48 rows, reused as values die: 25 MB) is allocated
   once per thread and kept, and every view of it is built once: a view costs about as much
-  Python as an op on a few thousand numbers.
+  Python as an op on a few thousand numbers. A short input is padded to a multiple of 1024
+  pairs, so its views come from a small set too.
 * **Six saved numbers per pair.** The IoU family is translation invariant, so per axis the four
   coordinate gradients sum to zero: backward rebuilds the target's (x2, y2) gradient from the
   other six. When ``target`` needs no gradient only the prediction's four are kept. In float32
@@ -23,9 +24,15 @@ How it is fast without a compiler (eager PyTorch ops only, each writing into a p
   prediction's weight in the intersection edge is ``0.5 + 0.5 * sign(x1 - x1g)`` (1, 0 or 1/2;
   for x2 the sign of x2g - x2), and ``torch.lerp`` between the intersection and enclosing-box
   gradients selects exactly at weights 0 and 1.
+* **Masks.** The intersection is torchvision's ``where((iw > 0) & (ih > 0), iw * ih, 0)`` and
+  the sizes are ``clamp(min=0)``'d: their subgradients are one comparison per area
+  (``iw * ih > 0``), not per side, except where CIoU's aspect term needs the sides apart.
 * **Sign bookkeeping.** The kernel differentiates -L (the metric itself for the linear losses),
-  which saves a negation per term, and stores rows for q = (-x1, -y1, x2, y2), where a width is
-  q_lo + q_hi; backward folds both signs into one per-row constant.
+  which saves a negation per term, and stores rows for q = (-x1, -y1, x2, y2), where one formula
+  serves both edges; backward flips the hi rows while it scales by the incoming gradient.
+* **Memory traffic.** Each saved row is written once and read once; backward interleaves the
+  rows into the ``[N, 4]`` gradients with ``Tensor.copy_`` (its strided loop is ~4x faster than
+  an elementwise op writing into a transposed view).
 
 The loss values per kind, with I the intersection, U the union, C the enclosing box, rho the
 distance between the centres and c the diagonal of C (eps guards every division, as in torchvision)::
@@ -63,9 +70,10 @@ _K4 = 4 / math.pi**2  # CIoU's v = 4/pi^2 * delta^2
 
 # Pairs per chunk on CPU. The fewer and larger the ops, the less the fixed costs weigh: the Python
 # call of each op (~2 us; far more on a loaded machine) and, for ops of more than 32k numbers, the
-# wake-up of OpenMP's workers (~15 us with OMP_WAIT_POLICY=PASSIVE). 128k pairs make ~50 ops of
+# wake-up of OpenMP's workers (~15 us with OMP_WAIT_POLICY=PASSIVE). 128k pairs make ~40-55 ops of
 # 128k-512k numbers per chunk, and a 25 MB workspace (48 rows) that still fits in a 32 MB L3.
-# Measured on a 2-core EPYC with 2 threads: 8k-32k pairs are 1.5-2x slower, 64k ~1.2x, 256k the same.
+# Measured on a 2-core EPYC with 2 threads: 8k-32k pairs are 1.3-2x slower, 64k ~1.1x, 256k-512k
+# the same or slower. (Chunks of 8k on two Python threads, every op serial: 1.5-3x slower.)
 _CPU_CHUNK = 1 << 17
 _CUDA_CHUNK = 1 << 20  # GPU: one launch per op over up to 1M pairs (workspace ~200 MB in float32)
 
@@ -251,9 +259,11 @@ def _chunk(
 ) -> None:
     """Loss ``[c]`` of the pairs ``p``, ``t`` (``[c, 4]``) into ``loss``; gradient rows into ``grad``.
 
-    ``grad`` is ``[R, c]``: d(-L)/dq for the prediction's 4 q-rows, then (R = 6) the target's x1, y1
-    q-rows, with q = (-x1, -y1, x2, y2); or None for values only. The gradient of -L (the metric's,
-    for the linear losses) saves a negation per term; backward flips the sign back for free.
+    ``grad`` is ``[R, c]``, d(-L)/dq with q = (-x1, -y1, x2, y2): the prediction's (lo x, lo y),
+    then for R = 6 the target's (lo x, lo y), then the prediction's (hi x, hi y); or None for the
+    values only. ``p``, ``t`` None: the caller has filled the coordinate rows (a padded chunk).
+    Differentiating -L (the metric itself for the linear losses) saves a negation per term, and
+    in q-form one formula serves both edges; backward turns the rows into dL/d(x1, y1, x2, y2).
     """
     s, eps = w.s, k.eps
     box = kind != "iou"  # needs the enclosing box
