@@ -361,6 +361,8 @@ def test_older_pytorch_clamp_semantics(kind, monkeypatch):
         assert_close_scaled(a, b, 1e-10)
     dp, dt = degenerate_pairs(torch.float64)
     assert all(torch.isfinite(x).all() for x in value_and_grads(kernel_loss, dp, dt, kind=kind))
+    if kind != "giou":
+        return
     # GIoU of [0, 0, 0, 5] (zero width) against [0, 0, 2, 5]: I = 0, U = |C| = 10, and
     # dL/dU = d((|C| - U) / |C|)/dU = -1/10; dU/dx2 = d|B|/dw = h = 5 only where the clamp passes
     p = torch.tensor([[0.0, 0.0, 0.0, 5.0]], dtype=torch.float64, requires_grad=True)
