@@ -38,6 +38,8 @@ def run_one(config: str, loss: str, seed: int, work_dir: str, extra: list[str]) 
 
 
 def mean_std(values: list[float]) -> str:
+    if any(v < 0 for v in values):  # pycocotools' -1: no ground truth of that size
+        return "n/a"
     if len(values) == 1:
         return f"{100 * values[0]:.1f}"
     return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
