@@ -68,21 +68,29 @@ __all__ = ["iou_family_loss", "IoUFamilyLoss", "KINDS", "default_chunk"]
 KINDS = ("iou", "giou", "diou", "ciou")
 _K4 = 4 / math.pi**2  # CIoU's v = 4/pi^2 * delta^2
 
-# Pairs per chunk on CPU. The fewer and larger the ops, the less the fixed costs weigh: the Python
-# call of each op (~2 us; far more on a loaded machine) and, for ops of more than 32k numbers, the
-# wake-up of OpenMP's workers (~15 us with OMP_WAIT_POLICY=PASSIVE). 128k pairs make ~40-55 ops of
-# 128k-512k numbers per chunk, and a 25 MB workspace (48 rows) that still fits in a 32 MB L3.
-# Measured on a 2-core EPYC with 2 threads: 8k-32k pairs are 1.3-2x slower, 64k ~1.1x, 256k-512k
-# the same or slower. (Chunks of 8k on two Python threads, every op serial: 1.5-3x slower.)
-_CPU_CHUNK = 1 << 17
+# Pairs per chunk on CPU, and the largest op. PyTorch runs an op of at most 32768 numbers on the
+# calling thread; a larger one opens an OpenMP parallel region, whose wake-up of the sleeping
+# workers (~15 us with OMP_WAIT_POLICY=PASSIVE, the setting small machines need, and far more when
+# other processes hold the cores) outweighs the op itself at these sizes. So every op here is cut
+# to <= _SERIAL numbers (a [2, c] block at c = 16k pairs) and stays serial, and chunks are small
+# enough for the rows an op touches to stay in L2. Measured on a 2-core EPYC with 2 threads and
+# PASSIVE: 1.1-1.3x faster than 128k-pair chunks of parallel ops, and 1.3x than 8k-pair chunks
+# (the fixed ~2 us Python cost of an op weighs more there).
+_SERIAL = 32768
+_CPU_CHUNK = 1 << 14
 _CUDA_CHUNK = 1 << 20  # GPU: one launch per op over up to 1M pairs (workspace ~200 MB in float32)
 
 
 def default_chunk(device: torch.device, dtype: torch.dtype = torch.float32) -> int:
-    """Pairs per chunk: 128k on CPU (64k in float64: the same bytes), 1M on GPUs (a memory cap)."""
-    if device.type != "cpu":
-        return _CUDA_CHUNK
-    return _CPU_CHUNK // 2 if dtype == torch.float64 else _CPU_CHUNK
+    """Pairs per chunk: 16k on CPU (see above), 1M on GPUs (a memory cap)."""
+    return _CPU_CHUNK if device.type == "cpu" else _CUDA_CHUNK
+
+
+def _parts(*tensors: Tensor) -> list[tuple[Tensor, ...]]:
+    """Split same-shaped tensors along dim 0 into pieces of at most _SERIAL numbers (if it can)."""
+    n = tensors[0].numel()
+    k = min(tensors[0].shape[0], -(-n // _SERIAL))
+    return list(zip(*(t.tensor_split(k) for t in tensors))) if k > 1 else [tensors]
 
 
 @functools.cache
@@ -205,6 +213,15 @@ class _Workspace:
         w.B0, w.B1 = w.B.unbind(0)
         w.s = S.unbind(0)
         w.s01, w.s23 = S[0:2], S[2:4]
+        # the ops on more than [2, c], cut into serial pieces (see _SERIAL)
+        w.sz4, w.sz3 = _parts(w.Qhi, w.Qlo, SZ), _parts(w.Qhi3, w.Qlo3, w.SZ3)
+        w.df = _parts(w.Q0f, w.Q1f, w.Df)
+        w.clamp = _parts(w.SZ3, CL)
+        w.prod, w.areas = _parts(w.CLw, w.CLh, w.P), _parts(w.P)
+        w.gx = _parts(w.CLh, w.CLw, w.P, w.GX_w, w.GX_h)
+        w.sign = _parts(D)
+        w.lerp = _parts(w.WI, w.T)
+        w.side = _parts(w.SZ01, b["SIDE"], w.GX01)
         return w
 
 
@@ -245,6 +262,19 @@ def _run_chunks(n: int, c: int, body) -> None:
             body(min(s, n - c))
 
 
+def _transpose_into(w: SimpleNamespace, p: Tensor, t: Tensor) -> None:
+    """Coordinate rows of the chunk: pred into rows 0-3, target into 4-7 (the only strided reads)."""
+    c = p.shape[0]
+    if 4 * c <= _SERIAL:
+        w.Q0f.copy_(p.t())
+        w.Q1f.copy_(t.t())
+        return
+    for rows, src in ((w.Q0f, p), (w.Q1f, t)):  # two serial halves of the pairs each
+        h = c // 2
+        rows[:, :h].copy_(src[:h].t())
+        rows[:, h:].copy_(src[h:].t())
+
+
 def _chunk(
     kind: str,
     p: Tensor | None,
@@ -273,24 +303,25 @@ def _chunk(
     # phase 1: coordinate rows (the transposition: the only strided reads), intersection and
     # enclosing box, sizes and the differences whose signs say which box owns each edge
     if p is not None:  # else the caller filled (and padded) the coordinate rows
-        w.Q0f.copy_(p.t())
-        w.Q1f.copy_(t.t())
+        _transpose_into(w, p, t)
     torch.maximum(w.Q0lo, w.Q1lo, out=w.Ilo)
     torch.minimum(w.Q0hi, w.Q1hi, out=w.Ihi)
     if box:
         torch.minimum(w.Q0lo, w.Q1lo, out=w.Elo)
         torch.maximum(w.Q0hi, w.Q1hi, out=w.Ehi)
-        torch.sub(w.Qhi, w.Qlo, out=w.SZ)  # [4 groups, 2, c]: (w, h), unclamped
-    else:
-        torch.sub(w.Qhi3, w.Qlo3, out=w.SZ3)
+    for hi_, lo_, out in w.sz4 if box else w.sz3:  # [groups, 2, c]: (w, h), unclamped
+        torch.sub(hi_, lo_, out=out)
     if centre or want_grad:
         # (x1 - x1g, y1 - y1g, x2 - x2g, y2 - y2g): the pred owns max(x1, x1g) where the first is
         # > 0 and min(x2, x2g) where the second is < 0
-        torch.sub(w.Q0f, w.Q1f, out=w.Df)
+        for a, b, out in w.df:
+            torch.sub(a, b, out=out)
 
     # phase 2: values
-    torch.clamp(w.SZ3, min=0, out=w.CL)  # widths and heights at 0, the intersection relu'd
-    torch.mul(w.CLw, w.CLh, out=w.P)  # [3, c]: A1, A2, inter (0 unless iw > 0 and ih > 0)
+    for sz, out in w.clamp:
+        torch.clamp(sz, min=0, out=out)  # widths and heights at 0, the intersection relu'd
+    for a, b, out in w.prod:
+        torch.mul(a, b, out=out)  # [3, c]: A1, A2, inter (0 unless iw > 0 and ih > 0)
     union, ue, iou = s[0], s[2], s[4]
     torch.add(w.a1, w.a2, out=union).sub_(w.inter)
     metric = iou
@@ -367,12 +398,16 @@ def _chunk(
     # so d/diw = ih [iw h > 0]: one comparison of the area, not of each side (the same unless
     # iw ih underflows, below 1e-38). With clamp's strict subgradient (current PyTorch) the boxes'
     # widths and heights follow the same rule.
-    m_area = torch.gt(w.P, 0, out=w.P)  # [3, c]: A1 > 0, A2 > 0, inter > 0 (the products are dead)
-    side = None
-    if kind == "ciou" or k.clamp_grad_at_zero:
+    m_area = w.P  # [3, c]: A1 > 0, A2 > 0, inter > 0 (the products are dead)
+    for (pp,) in w.areas:
+        torch.gt(pp, 0, out=pp)
+    side = kind == "ciou" or k.clamp_grad_at_zero
+    if side:
         # per side for the boxes: CIoU's aspect term depends on w and h apart (d/dw is not zero
         # where h = 0), and older PyTorch's clamp(min=0) passes the gradient at exactly 0
-        side = (torch.ge if k.clamp_grad_at_zero else torch.gt)(w.SZ01, 0, out=w.SIDE)  # [2, w|h, c]
+        compare = torch.ge if k.clamp_grad_at_zero else torch.gt
+        for sz, out, _ in w.side:
+            compare(sz, 0, out=out)  # [2, w|h, c]
         if kind != "ciou":
             m_area[0:2].fill_(1)
     if kind == "ciou":
@@ -393,25 +428,29 @@ def _chunk(
     else:
         m_area[0:2].mul_(m_u)  # [3, c]: each area's masked d(-L)/d(area)
         m_area[2].mul_(m_i)
-        torch.mul(w.CLh, m_area, out=w.GX_w)  # d(area)/dw = h, for all three at once
-        torch.mul(w.CLw, m_area, out=w.GX_h)
-    if side is not None:
-        w.GX01.mul_(side)
+        for h_, w_, q, out_w, out_h in w.gx:  # d(area)/dw = h, for the three areas at once
+            torch.mul(h_, q, out=out_w)
+            torch.mul(w_, q, out=out_h)
+    if side:
+        for _, mask, out in w.side:
+            out.mul_(mask)
     GWH, GI = w.GX01, w.GX[2]  # [2 boxes, w|h, c], [w|h, c]
 
     # q-form coordinate gradients. For q-row (lo|hi, x|y) of the prediction:
     #   d/dq = d/dw + WI d/diw + (1 - WI) d/dcw (-/+ d/d(centre offset) for lo/hi)
     # the target's: d/dw_g + (1 - WI) d/diw + WI d/dcw (+/- the centre term), where WI, the pred's
     # weight in the intersection edge, is 1, 0, or 1/2 at a tie (torch.max/min split the gradient)
-    w.D.sign_()
+    for (d,) in w.sign:
+        d.sign_()
     torch.add(k.half, w.D[0], alpha=0.5, out=w.WI[0])  # (one op with a [2, 1, 1] factor is 3x slower)
     torch.add(k.half, w.D[1], alpha=-0.5, out=w.WI[1])
     # saved rows: pred lo (x1, y1), [target lo,] pred hi (x2, y2); each written once, never re-read
     lo, hi = grad[0:2], grad[-2:]
-    if box:
-        torch.lerp(GE, GI, w.WI, out=w.T)  # exact at WI in {0, 1}
-    else:
-        torch.mul(GI, w.WI, out=w.T)
+    for wi, out in w.lerp:
+        if box:
+            torch.lerp(GE, GI, wi, out=out)  # exact at WI in {0, 1}
+        else:
+            torch.mul(GI, wi, out=out)
     if centre:
         torch.sub(GWH[0], g_rho, out=w.B0)
         torch.add(GWH[0], g_rho, out=w.B1)
@@ -492,6 +531,8 @@ def _backward(grad_out: Tensor, g: Tensor, need_target: bool, chunk: int | None)
         return gp, gt
     go = grad_out.reshape(1, n)  # "sum" gives a stride-0 (expanded) gradient; "mean" a materialised one
     c = min(n, chunk or default_chunk(device, dtype))
+    if device.type == "cpu":
+        c = min(c, _SERIAL // 4)  # the [c, 4] copies into the gradients stay serial
     k = _Consts.get(device, dtype)
 
     def body(s: int) -> None:
