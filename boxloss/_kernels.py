@@ -78,6 +78,7 @@ _K4 = 4 / math.pi**2  # CIoU's v = 4/pi^2 * delta^2
 # (the fixed ~2 us Python cost of an op weighs more there).
 _SERIAL = 32768
 _CPU_CHUNK = 1 << 14
+_BACKWARD_CHUNK = 1 << 17  # backward: a few memory-bound ops, which two threads do speed up
 _CUDA_CHUNK = 1 << 20  # GPU: one launch per op over up to 1M pairs (workspace ~200 MB in float32)
 
 
@@ -185,6 +186,7 @@ class _Workspace:
         # phase 1: coordinate rows of pred, target, intersection, enclosing box: [group, lo|hi, x|y, c]
         Q = R.unflatten(0, (4, 2, 2))
         w.Q0f, w.Q1f = R[0:4], R[4:8]  # targets of the transposition
+        w.Q0h, w.Q1h = (w.Q0f[:, : c // 2], w.Q0f[:, c // 2 :]), (w.Q1f[:, : c // 2], w.Q1f[:, c // 2 :])
         w.Q0lo, w.Q0hi, w.Q1lo, w.Q1hi = Q[0, 0], Q[0, 1], Q[1, 0], Q[1, 1]  # [x|y, c] each
         w.Ilo, w.Ihi, w.Elo, w.Ehi = Q[2, 0], Q[2, 1], Q[3, 0], Q[3, 1]
         w.Qhi, w.Qlo, w.Qhi3, w.Qlo3 = Q[:, 1], Q[:, 0], Q[:3, 1], Q[:3, 0]
@@ -209,8 +211,11 @@ class _Workspace:
         w.WI, w.WI0 = D, D[0]  # in place
         w.T = R[6:10].unflatten(0, (2, 2))  # [lo|hi, x|y, c]
         w.X = R[0:2]
+        w.T0, w.T1 = w.T.unbind(0)
         w.B = R[12:16].unflatten(0, (2, 2))
         w.B0, w.B1 = w.B.unbind(0)
+        w.D0, w.D1 = D.unbind(0)
+        w.GX0, w.GX1, w.GX2 = SZ[0:3].unbind(0)
         w.s = S.unbind(0)
         w.s01, w.s23 = S[0:2], S[2:4]
         # the ops on more than [2, c], cut into serial pieces (see _SERIAL)
@@ -269,10 +274,10 @@ def _transpose_into(w: SimpleNamespace, p: Tensor, t: Tensor) -> None:
         w.Q0f.copy_(p.t())
         w.Q1f.copy_(t.t())
         return
-    for rows, src in ((w.Q0f, p), (w.Q1f, t)):  # two serial halves of the pairs each
-        h = c // 2
-        rows[:, :h].copy_(src[:h].t())
-        rows[:, h:].copy_(src[h:].t())
+    h = c // 2
+    for (first, second), src in ((w.Q0h, p), (w.Q1h, t)):  # two serial halves of the pairs each
+        first.copy_(src[:h].t())
+        second.copy_(src[h:].t())
 
 
 def _chunk(
@@ -434,7 +439,7 @@ def _chunk(
     if side:
         for _, mask, out in w.side:
             out.mul_(mask)
-    GWH, GI = w.GX01, w.GX[2]  # [2 boxes, w|h, c], [w|h, c]
+    GI = w.GX2  # [w|h, c]: d(-L)/d(iw, ih); w.GX0, w.GX1: d(-L)/d(w, h) of pred, target
 
     # q-form coordinate gradients. For q-row (lo|hi, x|y) of the prediction:
     #   d/dq = d/dw + WI d/diw + (1 - WI) d/dcw (-/+ d/d(centre offset) for lo/hi)
@@ -442,8 +447,8 @@ def _chunk(
     # weight in the intersection edge, is 1, 0, or 1/2 at a tie (torch.max/min split the gradient)
     for (d,) in w.sign:
         d.sign_()
-    torch.add(k.half, w.D[0], alpha=0.5, out=w.WI[0])  # (one op with a [2, 1, 1] factor is 3x slower)
-    torch.add(k.half, w.D[1], alpha=-0.5, out=w.WI[1])
+    torch.add(k.half, w.D0, alpha=0.5, out=w.D0)  # in place; (one op with a [2, 1, 1] factor is 3x slower)
+    torch.add(k.half, w.D1, alpha=-0.5, out=w.D1)
     # saved rows: pred lo (x1, y1), [target lo,] pred hi (x2, y2); each written once, never re-read
     lo, hi = grad[0:2], grad[-2:]
     for wi, out in w.lerp:
@@ -452,13 +457,13 @@ def _chunk(
         else:
             torch.mul(GI, wi, out=out)
     if centre:
-        torch.sub(GWH[0], g_rho, out=w.B0)
-        torch.add(GWH[0], g_rho, out=w.B1)
-        torch.add(w.T[0], w.B0, out=lo)
-        torch.add(w.T[1], w.B1, out=hi)
+        torch.sub(w.GX0, g_rho, out=w.B0)
+        torch.add(w.GX0, g_rho, out=w.B1)
+        torch.add(w.T0, w.B0, out=lo)
+        torch.add(w.T1, w.B1, out=hi)
     else:
-        torch.add(w.T[0], GWH[0], out=lo)
-        torch.add(w.T[1], GWH[0], out=hi)
+        torch.add(w.T0, w.GX0, out=lo)
+        torch.add(w.T1, w.GX0, out=hi)
     if grad.shape[0] == 6:  # target lo rows; its hi rows follow from translation invariance in backward
         x = w.X  # scratch (the clamped sizes are dead)
         if box:
@@ -467,7 +472,7 @@ def _chunk(
             torch.sub(k.one, w.WI0, out=x).mul_(GI)
         if centre:
             x.add_(g_rho)
-        torch.add(x, GWH[1], out=grad[2:4])
+        torch.add(x, w.GX1, out=grad[2:4])
 
 
 def _forward(
@@ -530,9 +535,7 @@ def _backward(grad_out: Tensor, g: Tensor, need_target: bool, chunk: int | None)
     if n == 0:
         return gp, gt
     go = grad_out.reshape(1, n)  # "sum" gives a stride-0 (expanded) gradient; "mean" a materialised one
-    c = min(n, chunk or default_chunk(device, dtype))
-    if device.type == "cpu":
-        c = min(c, _SERIAL // 4)  # the [c, 4] copies into the gradients stay serial
+    c = min(n, chunk or _BACKWARD_CHUNK)
     k = _Consts.get(device, dtype)
 
     def body(s: int) -> None:
