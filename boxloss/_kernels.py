@@ -68,30 +68,33 @@ __all__ = ["iou_family_loss", "IoUFamilyLoss", "KINDS", "default_chunk"]
 KINDS = ("iou", "giou", "diou", "ciou")
 _K4 = 4 / math.pi**2  # CIoU's v = 4/pi^2 * delta^2
 
-# Pairs per chunk on CPU, and the largest op. PyTorch runs an op of at most 32768 numbers on the
-# calling thread; a larger one opens an OpenMP parallel region, whose wake-up of the sleeping
-# workers (~15 us with OMP_WAIT_POLICY=PASSIVE, the setting small machines need, and far more when
-# other processes hold the cores) outweighs the op itself at these sizes. So every op here is cut
-# to <= _SERIAL numbers (a [2, c] block at c = 16k pairs) and stays serial, and chunks are small
-# enough for the rows an op touches to stay in L2. Measured on a 2-core EPYC with 2 threads and
-# PASSIVE: 1.1-1.3x faster than 128k-pair chunks of parallel ops, and 1.3x than 8k-pair chunks
-# (the fixed ~2 us Python cost of an op weighs more there).
+# Pairs per chunk on CPU. PyTorch runs an op of at most 32768 numbers (_SERIAL) on the calling
+# thread; a larger one opens an OpenMP parallel region, which wakes the sleeping workers (~15 us
+# with OMP_WAIT_POLICY=PASSIVE, the setting small machines need). Two regimes, measured on a 2-core
+# EPYC with 2 threads and PASSIVE:
+# * idle machine: 128k-pair chunks (ops of 128k-512k numbers, spread over the cores; a 25 MB
+#   workspace) are fastest; 16k-pair chunks of serial ops are ~1.2x slower, 8k ~1.4x.
+# * cores busy with other processes: parallel regions wait for a descheduled worker, and 16k-pair
+#   chunks, where every op is cut to <= _SERIAL numbers and stays serial (see _parts), are
+#   1.2-1.3x faster. Pass chunk=16384 there.
 _SERIAL = 32768
-_CPU_CHUNK = 1 << 14
-_BACKWARD_CHUNK = 1 << 17  # backward: a few memory-bound ops, which two threads do speed up
+_CPU_CHUNK = 1 << 17
 _CUDA_CHUNK = 1 << 20  # GPU: one launch per op over up to 1M pairs (workspace ~200 MB in float32)
+_BACKWARD_CHUNK = 1 << 17  # backward: a few memory-bound ops
 
 
 def default_chunk(device: torch.device, dtype: torch.dtype = torch.float32) -> int:
-    """Pairs per chunk: 16k on CPU (see above), 1M on GPUs (a memory cap)."""
+    """Pairs per chunk: 128k on CPU (see above), 1M on GPUs (a memory cap)."""
     return _CPU_CHUNK if device.type == "cpu" else _CUDA_CHUNK
 
 
 def _parts(*tensors: Tensor) -> list[tuple[Tensor, ...]]:
-    """Split same-shaped tensors along dim 0 into pieces of at most _SERIAL numbers (if it can)."""
-    n = tensors[0].numel()
-    k = min(tensors[0].shape[0], -(-n // _SERIAL))
-    return list(zip(*(t.tensor_split(k) for t in tensors))) if k > 1 else [tensors]
+    """Same-shaped tensors split along dim 0 into pieces of at most _SERIAL numbers, where that is
+    possible (small chunks: every op serial); else whole (large chunks: fewer, parallel ops)."""
+    k = -(-tensors[0].numel() // _SERIAL)
+    if k == 1 or k > tensors[0].shape[0]:
+        return [tensors]
+    return list(zip(*(t.tensor_split(k) for t in tensors)))
 
 
 @functools.cache
@@ -270,7 +273,7 @@ def _run_chunks(n: int, c: int, body) -> None:
 def _transpose_into(w: SimpleNamespace, p: Tensor, t: Tensor) -> None:
     """Coordinate rows of the chunk: pred into rows 0-3, target into 4-7 (the only strided reads)."""
     c = p.shape[0]
-    if 4 * c <= _SERIAL:
+    if 4 * c <= _SERIAL or 2 * c > _SERIAL:  # one serial op, or halves would not be serial anyway
         w.Q0f.copy_(p.t())
         w.Q1f.copy_(t.t())
         return
@@ -536,6 +539,8 @@ def _backward(grad_out: Tensor, g: Tensor, need_target: bool, chunk: int | None)
         return gp, gt
     go = grad_out.reshape(1, n)  # "sum" gives a stride-0 (expanded) gradient; "mean" a materialised one
     c = min(n, chunk or _BACKWARD_CHUNK)
+    if chunk and 2 * chunk <= _SERIAL:  # the serial regime (see _CPU_CHUNK): [c, 4] copies too
+        c = min(c, _SERIAL // 4)
     k = _Consts.get(device, dtype)
 
     def body(s: int) -> None:
