@@ -32,7 +32,8 @@ How it is fast without a compiler (eager PyTorch ops only, each writing into a p
   serves both edges; backward flips the hi rows while it scales by the incoming gradient.
 * **Memory traffic.** Each saved row is written once and read once; backward interleaves the
   rows into the ``[N, 4]`` gradients with ``Tensor.copy_`` (its strided loop is ~4x faster than
-  an elementwise op writing into a transposed view).
+  an elementwise op writing into a transposed view). Large CPU outputs come from a small pool
+  (:class:`_Pool`): fresh pages fault on first touch, which in a VM costs as much as the math.
 
 The loss values per kind, with I the intersection, U the union, C the enclosing box, rho the
 distance between the centres and c the diagonal of C (eps guards every division, as in torchvision)::
@@ -248,6 +249,60 @@ def _workspace(c: int, device: torch.device, dtype: torch.dtype) -> _Workspace:
     if ws is None or ws.cap < c:
         ws = cache[dtype] = _Workspace(max(c, default_chunk(device, dtype)), device, dtype)
     return ws
+
+
+class _Pool:
+    """Large CPU output buffers (saved rows, losses, gradients), reused once nothing holds them.
+
+    A fresh allocation of this size comes from the kernel as untouched pages, and each 4 KiB page
+    faults on its first write: ~0.25 us on bare metal, ~3-4 us in the VM this was tuned on, where
+    the 56 MB of outputs of 10^6 pairs then cost 15-40 ms, as much as the computation. glibc reuses
+    freed memory only some of the time; this keeps the buffers. A buffer is handed out again only
+    when its storage has no other user (torch's storage use count, read through a private but
+    long-standing accessor; without it there is no pooling), so a tensor a caller still holds --
+    a loss kept for logging, a .grad, a saved tensor of a graph not yet run -- is never reused.
+    """
+
+    _MIN_BYTES = 1 << 20
+    _MAX_BUFFERS = 8
+
+    def __init__(self) -> None:
+        self._bufs: list[Tensor] = []
+        self._lock = threading.Lock()
+        self._use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+    def _free(self, b: Tensor) -> bool:
+        return self._use_count(b.untyped_storage()._cdata) <= 2  # the pool's tensor + this temporary
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        numel = math.prod(shape)
+        if self._use_count is None or numel * torch.empty((), dtype=dtype).element_size() < self._MIN_BYTES:
+            return torch.empty(shape, dtype=dtype)
+        with self._lock:
+            fits = [b for b in self._bufs if b.dtype == dtype and b.numel() >= numel and self._free(b)]
+            if fits:
+                return min(fits, key=Tensor.numel)[:numel].view(shape)
+            b = torch.empty(numel, dtype=dtype)
+            if len(self._bufs) >= self._MAX_BUFFERS:  # make room: drop the smallest free buffer
+                free = [x for x in self._bufs if self._free(x)]
+                if not free:
+                    return b.view(shape)
+                self._bufs.remove(min(free, key=Tensor.numel))
+            self._bufs.append(b)
+            return b[:numel].view(shape)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._bufs.clear()
+
+
+_pool = _Pool()
+
+
+def _empty(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    if device.type == "cpu":
+        return _pool.empty(shape, dtype)
+    return torch.empty(shape, device=device, dtype=dtype)  # the CUDA caching allocator does this
 
 
 # A short input (one chunk) is padded to a multiple of _BUCKET pairs, so that its length comes
@@ -497,8 +552,8 @@ def _forward(
     # one padded chunk for a short input; else full chunks, the last one overlapping its neighbour
     c = n if n >= chunk or chunk % _BUCKET else min(-(-n // _BUCKET) * _BUCKET, chunk)
     m = max(n, c)
-    loss = torch.empty(m, device=device, dtype=dtype)
-    grad = torch.empty(grad_rows, m, device=device, dtype=dtype) if grad_rows else None
+    loss = _empty((m,), device, dtype)
+    grad = _empty((grad_rows, m), device, dtype) if grad_rows else None
     if n == 0:
         return loss, grad
     c = min(c, chunk)
@@ -533,8 +588,8 @@ def _backward(grad_out: Tensor, g: Tensor, need_target: bool, chunk: int | None)
     """
     rows, n = g.shape
     device, dtype = g.device, g.dtype
-    gp = torch.empty(n, 4, device=device, dtype=dtype)
-    gt = torch.empty(n, 4, device=device, dtype=dtype) if need_target else None
+    gp = _empty((n, 4), device, dtype)
+    gt = _empty((n, 4), device, dtype) if need_target else None
     if n == 0:
         return gp, gt
     go = grad_out.reshape(1, n)  # "sum" gives a stride-0 (expanded) gradient; "mean" a materialised one

@@ -373,3 +373,24 @@ def test_older_pytorch_clamp_semantics(kind, monkeypatch):
     (g_new,) = torch.autograd.grad(boxloss.giou_loss(p, t), p)
     # so the older gradient of x2 has -1/10 * 5 = -0.5 more (x1: +0.5)
     torch.testing.assert_close((g_old - g_new)[0, 2], torch.tensor(-0.5, dtype=torch.float64), rtol=1e-6, atol=1e-9)
+
+
+def test_pooled_outputs_are_never_reused_while_held():
+    """Large CPU outputs come from a pool; one still referenced (a kept loss, a .grad, a view of
+    it, the saved rows of a graph not yet run backward) must not be overwritten by later calls."""
+    n = 70_000  # the saved rows (6 n floats) and the gradients (4 n) are above the pool's 1 MiB
+    pred, target = box_pairs(n, seed=23)
+    other_p, other_t = box_pairs(n, seed=24)
+    p = pred.clone().requires_grad_()
+    first = boxloss.diou_loss(p, target, reduction="sum")  # graph 1: saved rows held by autograd
+    kept_grad = torch.autograd.grad(boxloss.giou_loss(p, target, reduction="sum"), p)[0]
+    grad_view = kept_grad[::2]  # only a view survives
+    grad_copy = grad_view.clone()
+    del kept_grad
+    for _ in range(3):  # churn the pool with other calls of the same size
+        q = other_p.clone().requires_grad_()
+        boxloss.diou_loss(q, other_t, reduction="sum").backward()
+    torch.testing.assert_close(grad_view, grad_copy, rtol=0, atol=0)
+    (g1,) = torch.autograd.grad(first, p)  # graph 1 still gives its own gradient
+    (want,) = torch.autograd.grad(reference_loss(p, target, "diou").sum(), p)
+    assert_close_scaled(g1, want, 1e-6)
