@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import threading
 from types import SimpleNamespace
 
@@ -77,7 +78,9 @@ _K4 = 4 / math.pi**2  # CIoU's v = 4/pi^2 * delta^2
 #   workspace) are fastest; 16k-pair chunks of serial ops are ~1.2x slower, 8k ~1.4x.
 # * cores busy with other processes: parallel regions wait for a descheduled worker, and 16k-pair
 #   chunks, where every op is cut to <= _SERIAL numbers and stays serial (see _parts), are
-#   1.2-1.3x faster. Pass chunk=16384 there.
+#   1.2-1.3x faster: set BOXLOSS_CPU_CHUNK=16384 there (or pass chunk=16384). Without
+#   OMP_WAIT_POLICY=PASSIVE on a busy machine (spin-waiting workers), the serial regime also
+#   avoids the many-second stalls that many short parallel ops then hit.
 _SERIAL = 32768
 _CPU_CHUNK = 1 << 17
 _CUDA_CHUNK = 1 << 20  # GPU: one launch per op over up to 1M pairs (workspace ~200 MB in float32)
@@ -85,8 +88,15 @@ _BACKWARD_CHUNK = 1 << 17  # backward: a few memory-bound ops
 
 
 def default_chunk(device: torch.device, dtype: torch.dtype = torch.float32) -> int:
-    """Pairs per chunk: 128k on CPU (see above), 1M on GPUs (a memory cap)."""
-    return _CPU_CHUNK if device.type == "cpu" else _CUDA_CHUNK
+    """Pairs per chunk: on CPU 128k, or ``$BOXLOSS_CPU_CHUNK`` (see above); 1M on GPUs (a memory cap)."""
+    if device.type != "cpu":
+        return _CUDA_CHUNK
+    env = os.environ.get("BOXLOSS_CPU_CHUNK")
+    if env is None:
+        return _CPU_CHUNK
+    if not (env.isdigit() and int(env) > 0):
+        raise ValueError(f"BOXLOSS_CPU_CHUNK must be a positive integer, got {env!r}")
+    return int(env)
 
 
 def _parts(*tensors: Tensor) -> list[tuple[Tensor, ...]]:
@@ -593,9 +603,10 @@ def _backward(grad_out: Tensor, g: Tensor, need_target: bool, chunk: int | None)
     if n == 0:
         return gp, gt
     go = grad_out.reshape(1, n)  # "sum" gives a stride-0 (expanded) gradient; "mean" a materialised one
-    c = min(n, chunk or _BACKWARD_CHUNK)
-    if chunk and 2 * chunk <= _SERIAL:  # the serial regime (see _CPU_CHUNK): [c, 4] copies too
-        c = min(c, _SERIAL // 4)
+    chunk = chunk or (default_chunk(device, dtype) if device.type == "cpu" else _CUDA_CHUNK)
+    c = min(n, max(chunk, _BACKWARD_CHUNK) if device.type == "cpu" else chunk)
+    if device.type == "cpu" and 2 * chunk <= _SERIAL:  # the serial regime (see _CPU_CHUNK)
+        c = min(n, _SERIAL // 4)  # the [c, 4] copies stay serial too
     k = _Consts.get(device, dtype)
 
     def body(s: int) -> None:

@@ -394,3 +394,17 @@ def test_pooled_outputs_are_never_reused_while_held():
     (g1,) = torch.autograd.grad(first, p)  # graph 1 still gives its own gradient
     (want,) = torch.autograd.grad(reference_loss(p, target, "diou").sum(), p)
     assert_close_scaled(g1, want, 1e-6)
+
+
+def test_cpu_chunk_from_the_environment(monkeypatch):
+    """BOXLOSS_CPU_CHUNK picks the chunk (16384: the serial regime for busy machines); same bits."""
+    pred, target = box_pairs(40_000, seed=25)
+    base = value_and_grads(lambda p, t: _kernels.iou_family_loss(p, t, "ciou"), pred, target)
+    monkeypatch.setenv("BOXLOSS_CPU_CHUNK", "16384")
+    assert _kernels.default_chunk(torch.device("cpu")) == 16384
+    got = value_and_grads(lambda p, t: _kernels.iou_family_loss(p, t, "ciou"), pred, target)
+    for a, b in zip(got, base):
+        assert torch.equal(a, b)
+    monkeypatch.setenv("BOXLOSS_CPU_CHUNK", "lots")
+    with pytest.raises(ValueError, match="BOXLOSS_CPU_CHUNK must be a positive integer, got 'lots'"):
+        _kernels.iou_family_loss(pred, target, "giou")
