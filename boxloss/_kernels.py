@@ -166,7 +166,7 @@ class _Workspace:
         "D": (2, 2),  # (x1 - x1g, y1 - y1g, x2 - x2g, y2 - y2g), then the tie weights
         "GE": (2,),  # GIoU: d(-L)/d(cw, ch)
         "H": (2,),  # DIoU/CIoU: half centre offsets, then d(-L)/d(centre offset)
-        "SIDE": (2, 2),  # older PyTorch only: per-side clamp masks of the boxes
+        "SIDE": (2, 2),  # per-side clamp masks of the boxes (CIoU, and older PyTorch)
         "S": (12,),  # per-pair scalars
     }
 
