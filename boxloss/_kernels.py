@@ -65,7 +65,13 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
-__all__ = ["iou_family_loss", "IoUFamilyLoss", "KINDS", "default_chunk"]
+try:  # the fused C loops, built by `pip install` (setup.py); without a compiler the eager path runs
+    from . import _native
+except ImportError:  # pragma: no cover - depends on the build
+    _native = None
+
+__all__ = ["iou_family_loss", "IoUFamilyLoss", "KINDS", "BACKENDS", "default_chunk", "native_available",
+           "resolve_backend"]
 
 KINDS = ("iou", "giou", "diou", "ciou")
 _K4 = 4 / math.pi**2  # CIoU's v = 4/pi^2 * delta^2
@@ -85,6 +91,42 @@ _SERIAL = 32768
 _CPU_CHUNK = 1 << 17
 _CUDA_CHUNK = 1 << 20  # GPU: one launch per op over up to 1M pairs (workspace ~200 MB in float32)
 _BACKWARD_CHUNK = 1 << 17  # backward: a few memory-bound ops
+
+
+BACKENDS = ("auto", "native", "eager")
+_KIND_ID = {k: i for i, k in enumerate(KINDS)}
+_DTYPE_BITS = {torch.float32: 32, torch.float64: 64}
+
+
+def native_available() -> bool:
+    """Whether the compiled CPU loops (``boxloss._native``) were built and import."""
+    return _native is not None
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """``"native"`` or ``"eager"`` for a call on ``device``.
+
+    ``None`` reads ``$BOXLOSS_KERNEL`` (default ``"auto"``). ``"auto"``: the compiled loops for CPU
+    tensors when they are built, else the eager PyTorch ops (always on GPUs). ``"native"`` insists
+    on the compiled loops and raises where they cannot run.
+    """
+    source = "backend"
+    if backend is None:
+        backend, source = os.environ.get("BOXLOSS_KERNEL", "auto"), "BOXLOSS_KERNEL"
+    if backend not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {backend!r}")
+    if backend == "eager":
+        return "eager"
+    if device.type != "cpu":
+        if backend == "native":
+            raise ValueError(f"{source}='native' runs on CPU tensors only, got device {device}")
+        return "eager"
+    if _native is None:
+        if backend == "native":
+            raise RuntimeError(f"{source}='native' needs the compiled extension boxloss._native, which is not "
+                               "built: reinstall with a C compiler present (pip install -e .)")
+        return "eager"
+    return "native"
 
 
 def default_chunk(device: torch.device, dtype: torch.dtype = torch.float32) -> int:
@@ -297,7 +339,9 @@ class _Pool:
                 free = [x for x in self._bufs if self._free(x)]
                 if not free:
                     return b.view(shape)
-                self._bufs.remove(min(free, key=Tensor.numel))
+                drop = min(free, key=Tensor.numel)
+                # by identity: list.remove would compare tensors with ==, elementwise
+                self._bufs = [x for x in self._bufs if x is not drop]
             self._bufs.append(b)
             return b[:numel].view(shape)
 
@@ -553,11 +597,27 @@ def _forward(
     gated: bool,
     grad_rows: int,
     chunk: int | None,
+    native: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Loss ``[N]`` and the q-form gradient rows ``[grad_rows, N]`` (None for ``grad_rows == 0``)."""
     p = pred.detach().reshape(-1, 4)
     t = target.detach().reshape(-1, 4)
     n, device, dtype = p.shape[0], p.device, p.dtype
+    if native:
+        p, t = p.contiguous(), t.contiguous()
+        loss = _empty((n,), device, dtype)
+        grad = _empty((grad_rows, n), device, dtype) if grad_rows else None
+        if n:
+            bits, threads, atans = _DTYPE_BITS[dtype], torch.get_num_threads(), None
+            if kind == "ciou":  # torch.atan of the aspect ratios: the eager kernel's and reference's values
+                atans = _empty((2, n), device, dtype)
+                _native.aspect(bits, p.data_ptr(), t.data_ptr(), atans.data_ptr(), n, float(eps), threads)
+                atans.atan_()
+            _native.forward(bits, _KIND_ID[kind], p.data_ptr(), t.data_ptr(), loss.data_ptr(),
+                            grad.data_ptr() if grad is not None else 0, atans.data_ptr() if atans is not None else 0,
+                            n, float(eps), grad_rows, int(log), int(paper), int(gated), int(_clamp_grad_at_zero()),
+                            threads)
+        return loss, grad
     chunk = chunk or default_chunk(device, dtype)
     # one padded chunk for a short input; else full chunks, the last one overlapping its neighbour
     c = n if n >= chunk or chunk % _BUCKET else min(-(-n // _BUCKET) * _BUCKET, chunk)
@@ -585,6 +645,22 @@ def _forward(
         loss = loss[:n]
         grad = grad[:, :n] if grad is not None else None
     return loss, grad
+
+
+def _backward_native(grad_out: Tensor, g: Tensor, need_target: bool) -> tuple[Tensor, Tensor | None]:
+    """:func:`_backward` in one compiled pass (CPU): reads each saved row once, writes ``[N, 4]``."""
+    rows, n = g.shape
+    gp = _empty((n, 4), g.device, g.dtype)
+    gt = _empty((n, 4), g.device, g.dtype) if need_target else None
+    if n:
+        go = grad_out.reshape(-1)  # "sum"/"mean" give an expanded (stride-0) gradient: kept as is
+        if go.dtype != g.dtype:
+            go = go.to(g.dtype)
+        if go.stride(0) not in (0, 1):
+            go = go.contiguous()
+        _native.backward(_DTYPE_BITS[g.dtype], g.data_ptr(), rows, go.data_ptr(), go.stride(0), gp.data_ptr(),
+                         gt.data_ptr() if gt is not None else 0, n, torch.get_num_threads())
+    return gp, gt
 
 
 def _backward(grad_out: Tensor, g: Tensor, need_target: bool, chunk: int | None) -> tuple[Tensor, Tensor | None]:
@@ -633,15 +709,16 @@ class IoUFamilyLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, pred, target, kind, eps, log, paper, gated, chunk):
+    def forward(ctx, pred, target, kind, eps, log, paper, gated, chunk, native=False):
         need_p, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         rows = 6 if need_t else (4 if need_p else 0)
-        loss, g = _forward(kind, pred, target, eps, log, paper, gated, rows, chunk)
+        loss, g = _forward(kind, pred, target, eps, log, paper, gated, rows, chunk, native)
         if g is not None:
             ctx.save_for_backward(g)
         ctx.need = (need_p, need_t)
         ctx.shape = pred.shape
         ctx.chunk = chunk
+        ctx.native = native
         return loss.view(pred.shape[:-1])
 
     @staticmethod
@@ -649,13 +726,16 @@ class IoUFamilyLoss(torch.autograd.Function):
     def backward(ctx, grad_out):
         need_p, need_t = ctx.need
         if not (need_p or need_t):
-            return (None,) * 8
+            return (None,) * 9
         (g,) = ctx.saved_tensors
-        gp, gt = _backward(grad_out, g, need_t, ctx.chunk)
+        if ctx.native:
+            gp, gt = _backward_native(grad_out, g, need_t)
+        else:
+            gp, gt = _backward(grad_out, g, need_t, ctx.chunk)
         return (
             gp.view(ctx.shape) if need_p else None,
             gt.view(ctx.shape) if need_t else None,
-            None, None, None, None, None, None,
+            None, None, None, None, None, None, None,
         )
 
 
@@ -669,6 +749,7 @@ def iou_family_loss(
     ciou_grad: str = "exact",
     alpha: str = "standard",
     chunk: int | None = None,
+    backend: str | None = None,
 ) -> Tensor:
     """Per-pair IoU-family loss ``[...]`` of matched xyxy boxes ``[..., 4]``, analytic gradients.
 
@@ -684,7 +765,11 @@ def iou_family_loss(
         ciou_grad: ``"exact"`` (autograd's and torchvision's gradient) or ``"paper"`` (alpha dv/dw
             without the 1 / (w^2 + h^2) factor, as the authors' implementation).
         alpha: ``"standard"`` or ``"gated"`` (MMDetection: alpha = 0 where IoU <= 0.5).
-        chunk: pairs per chunk (default :func:`default_chunk`); results do not depend on it.
+        chunk: pairs per chunk of the eager path (default :func:`default_chunk`); results do not
+            depend on it.
+        backend: ``"auto"`` (the compiled CPU loops of ``boxloss._native`` where they are built and
+            the tensors are on the CPU, else eager PyTorch ops), ``"native"`` or ``"eager"``;
+            ``None`` reads ``$BOXLOSS_KERNEL`` (default ``"auto"``). See :func:`resolve_backend`.
 
     Returns:
         The unreduced loss ``[...]``. Its backward needs 6 numbers per pair (4 when ``target``
@@ -706,10 +791,11 @@ def iou_family_loss(
                         f"precision), got {pred.dtype} and {target.dtype}")
     if chunk is not None and not (isinstance(chunk, int) and chunk > 0):
         raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
+    native = resolve_backend(backend, pred.device) == "native"
     log = kind == "iou" and mode == "log"
     paper = kind == "ciou" and ciou_grad == "paper"
     gated = kind == "ciou" and alpha == "gated"
     if torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad):
-        return IoUFamilyLoss.apply(pred, target, kind, eps, log, paper, gated, chunk)
-    loss, _ = _forward(kind, pred, target, eps, log, paper, gated, 0, chunk)
+        return IoUFamilyLoss.apply(pred, target, kind, eps, log, paper, gated, chunk, native)
+    loss, _ = _forward(kind, pred, target, eps, log, paper, gated, 0, chunk, native)
     return loss.view(pred.shape[:-1])

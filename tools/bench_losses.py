@@ -3,6 +3,7 @@
 Command (the figures in the README were printed by it; 2 threads as on the CI machine)::
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python tools/bench_losses.py --sizes 1e4 1e5 1e6 --repeats 9
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python tools/bench_losses.py --backend eager   # the PyTorch-ops kernel
 
 For each device, number of pairs N and loss it times, in the same run and interleaved repeat by
 repeat (so both see the same machine load), ``boxloss``'s loss and ``torchvision.ops``' counterpart
@@ -151,6 +152,9 @@ def main(argv=None) -> None:
     ap.add_argument("--losses", nargs="+", choices=list(OURS), default=list(OURS), help="losses to time")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU (2: the CI machine)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random box pairs")
+    ap.add_argument("--backend", choices=["auto", "native", "eager"], default="auto",
+                    help="boxloss kernel on CPU: auto (the compiled loops when built), native or eager "
+                         "(PyTorch ops; what GPUs run)")
     ap.add_argument("--pred-only", action="store_true",
                     help="only the prediction requires grad (the training case); default: both boxes")
     args = ap.parse_args(argv)
@@ -161,10 +165,14 @@ def main(argv=None) -> None:
         ap.error("--device cuda given but torch.cuda.is_available() is False")
     torch.set_num_threads(args.threads)
     target_grad = not args.pred_only
+    os.environ["BOXLOSS_KERNEL"] = args.backend  # read by every boxloss IoU-family call
+    from boxloss._kernels import resolve_backend
 
     for device in devices:
-        print(f"\n{machine_line(device)}; median of {args.repeats} after {args.warmup} warm-up runs, "
-              f"reduction='mean', {'both boxes require' if target_grad else 'only the prediction requires'} grad\n")
+        kernel = resolve_backend(args.backend, torch.device(device))
+        print(f"\n{machine_line(device)}; boxloss kernel: {kernel}; median of {args.repeats} after {args.warmup} "
+              f"warm-up runs, reduction='mean', "
+              f"{'both boxes require' if target_grad else 'only the prediction requires'} grad\n")
         print("| device | pairs | loss | torchvision peer | fwd+bwd ours ms | fwd+bwd tv ms | fwd+bwd ratio "
               "| (best-run ratio) | fwd ours ms | fwd tv ms | fwd ratio | no-grad ratio | saved ours MB "
               "| saved tv MB | saved ratio |")

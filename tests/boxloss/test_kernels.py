@@ -61,16 +61,33 @@ def reference_loss(pred, target, kind, eps=1e-7, mode="linear", ciou_grad="exact
 
 
 def kernel_loss(pred, target, kind, **options):
-    """The public loss (which runs on the kernel), unreduced."""
+    """The public loss (which runs on the kernel: the compiled loops on CPU), unreduced."""
     return PUBLIC[kind](pred, target, reduction="none", **options)
 
 
+def native(pred, target, kind, eps=1e-7, **options):
+    """The compiled CPU loops (boxloss._native), asked for explicitly."""
+    return _kernels.iou_family_loss(pred, target, kind, eps, backend="native", **options)
+
+
+def eager(pred, target, kind, eps=1e-7, **options):
+    """The eager-PyTorch kernel (the GPU path, and the CPU fallback without a compiler)."""
+    return _kernels.iou_family_loss(pred, target, kind, eps, backend="eager", **options)
+
+
 def small_chunks(pred, target, kind, eps=1e-7, **options):
-    """The kernel called directly with 7-pair chunks: many chunks and an overlapping last one."""
-    return _kernels.iou_family_loss(pred, target, kind, eps, chunk=7, **options)
+    """The eager kernel with 7-pair chunks: many chunks and an overlapping last one."""
+    return _kernels.iou_family_loss(pred, target, kind, eps, chunk=7, backend="eager", **options)
 
 
-IMPLEMENTATIONS = {"reference": reference_loss, "kernel": kernel_loss, "kernel-chunk7": small_chunks}
+IMPLEMENTATIONS = {"reference": reference_loss, "kernel": kernel_loss, "native": native, "eager": eager,
+                   "eager-chunk7": small_chunks}
+KERNELS = ["native", "eager", "eager-chunk7"]  # every kernel, each by name
+
+
+def skip_native_off_cpu(impl, device):
+    if impl == "native" and device != "cpu":
+        pytest.skip("the compiled loops are CPU-only (GPUs run the eager kernel)")
 
 
 def value_and_grads(fn, pred, target, grad_out=None, **kw):
@@ -96,11 +113,12 @@ def assert_close_scaled(actual, expected, tol):
 # ---------------------------------------------------------------- parity with the reference
 
 
-@pytest.mark.parametrize("impl", ["kernel", "kernel-chunk7"])
+@pytest.mark.parametrize("impl", KERNELS)
 @pytest.mark.parametrize("kind,options", VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("device", DEVICES)
 def test_parity_random_pairs(impl, kind, options, dtype, device):
+    skip_native_off_cpu(impl, device)
     pred, target = box_pairs(2000, seed=21, dtype=dtype)
     pred, target = pred.to(device), target.to(device)
     got = value_and_grads(IMPLEMENTATIONS[impl], pred, target, kind=kind, **options)
@@ -118,7 +136,7 @@ def test_parity_degenerate_boxes(kind, options, dtype, device):
     """Zero width/height, inverted sides, points: finite, and the reference's values and gradients."""
     pred, target = degenerate_pairs(dtype)
     pred, target = pred.to(device), target.to(device)
-    for impl in ("kernel", "kernel-chunk7"):
+    for impl in KERNELS if device == "cpu" else KERNELS[1:]:
         got = value_and_grads(IMPLEMENTATIONS[impl], pred, target, kind=kind, **options)
         want = value_and_grads(reference_loss, pred, target, kind=kind, **options)
         assert all(torch.isfinite(x).all() for x in got), got
@@ -270,9 +288,10 @@ def test_only_pred_requires_grad_and_no_grad_mode():
 def test_results_do_not_depend_on_the_chunk_size():
     """Elementwise ops in the same order per pair: bit-identical whatever the chunking."""
     pred, target = box_pairs(1000, seed=15)
-    base = value_and_grads(lambda p, t: _kernels.iou_family_loss(p, t, "ciou"), pred, target)
+    base = value_and_grads(lambda p, t: _kernels.iou_family_loss(p, t, "ciou", backend="eager"), pred, target)
     for chunk in (1, 7, 128, 999, 4096):
-        got = value_and_grads(lambda p, t: _kernels.iou_family_loss(p, t, "ciou", chunk=chunk), pred, target)
+        got = value_and_grads(lambda p, t: _kernels.iou_family_loss(p, t, "ciou", chunk=chunk, backend="eager"),
+                              pred, target)
         for a, b in zip(got, base):
             assert torch.equal(a, b), chunk
 
@@ -345,8 +364,9 @@ def test_kernel_argument_errors():
         _kernels.iou_family_loss(pred, target, "giou", chunk=0)
 
 
+@pytest.mark.parametrize("impl", KERNELS[:2])
 @pytest.mark.parametrize("kind", list(PUBLIC))
-def test_older_pytorch_clamp_semantics(kind, monkeypatch):
+def test_older_pytorch_clamp_semantics(kind, impl, monkeypatch):
     """Older PyTorch passes clamp(min=0)'s gradient at exactly 0; the kernel follows the installed one.
 
     Forced here: identical results away from zero sizes, finite everywhere, and at a zero width the
@@ -355,14 +375,15 @@ def test_older_pytorch_clamp_semantics(kind, monkeypatch):
     monkeypatch.setattr(_kernels, "_clamp_grad_at_zero", lambda: True)
     monkeypatch.setattr(_kernels._Consts, "_cache", {})
     pred, target = box_pairs(500, seed=22, dtype=torch.float64)
-    got = value_and_grads(kernel_loss, pred, target, kind=kind)
+    got = value_and_grads(IMPLEMENTATIONS[impl], pred, target, kind=kind)
     want = value_and_grads(reference_loss, pred, target, kind=kind)
     for a, b in zip(got, want):
         assert_close_scaled(a, b, 1e-10)
     dp, dt = degenerate_pairs(torch.float64)
-    assert all(torch.isfinite(x).all() for x in value_and_grads(kernel_loss, dp, dt, kind=kind))
+    assert all(torch.isfinite(x).all() for x in value_and_grads(IMPLEMENTATIONS[impl], dp, dt, kind=kind))
     if kind != "giou":
         return
+    monkeypatch.setenv("BOXLOSS_KERNEL", impl)
     # GIoU of [0, 0, 0, 5] (zero width) against [0, 0, 2, 5]: I = 0, U = |C| = 10, and
     # dL/dU = d((|C| - U) / |C|)/dU = -1/10; dU/dx2 = d|B|/dw = h = 5 only where the clamp passes
     p = torch.tensor([[0.0, 0.0, 0.0, 5.0]], dtype=torch.float64, requires_grad=True)
@@ -399,12 +420,87 @@ def test_pooled_outputs_are_never_reused_while_held():
 def test_cpu_chunk_from_the_environment(monkeypatch):
     """BOXLOSS_CPU_CHUNK picks the chunk (16384: the serial regime for busy machines); same bits."""
     pred, target = box_pairs(40_000, seed=25)
-    base = value_and_grads(lambda p, t: _kernels.iou_family_loss(p, t, "ciou"), pred, target)
+    base = value_and_grads(lambda p, t: eager(p, t, "ciou"), pred, target)
     monkeypatch.setenv("BOXLOSS_CPU_CHUNK", "16384")
     assert _kernels.default_chunk(torch.device("cpu")) == 16384
-    got = value_and_grads(lambda p, t: _kernels.iou_family_loss(p, t, "ciou"), pred, target)
+    got = value_and_grads(lambda p, t: eager(p, t, "ciou"), pred, target)
     for a, b in zip(got, base):
         assert torch.equal(a, b)
     monkeypatch.setenv("BOXLOSS_CPU_CHUNK", "lots")
     with pytest.raises(ValueError, match="BOXLOSS_CPU_CHUNK must be a positive integer, got 'lots'"):
-        _kernels.iou_family_loss(pred, target, "giou")
+        eager(pred, target, "giou")
+
+
+# ---------------------------------------------------------------- the compiled loops
+
+
+def test_native_extension_is_built():
+    """`pip install -e .` (make test, make demo) compiles boxloss._native; the CPU default uses it.
+
+    Without it the losses still work (eager kernel), but ~3-8x slower: an install that silently
+    lost the extension (no C compiler) must not pass as a complete one.
+    """
+    assert _kernels.native_available(), "boxloss._native is not built: reinstall with a C compiler (pip install -e .)"
+    assert _kernels.resolve_backend(None, torch.device("cpu")) == "native"
+
+
+def test_backend_selection_and_errors(monkeypatch):
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert _kernels.resolve_backend("eager", cpu) == "eager"
+    assert _kernels.resolve_backend("auto", meta) == "eager"  # off the CPU: the eager kernel
+    monkeypatch.setenv("BOXLOSS_KERNEL", "eager")
+    assert _kernels.resolve_backend(None, cpu) == "eager"
+    monkeypatch.setenv("BOXLOSS_KERNEL", "fast")
+    with pytest.raises(ValueError, match=r"BOXLOSS_KERNEL must be one of \('auto', 'native', 'eager'\), got 'fast'"):
+        _kernels.resolve_backend(None, cpu)
+    with pytest.raises(ValueError, match="backend must be one of .* got 'c'"):
+        _kernels.iou_family_loss(torch.zeros(1, 4), torch.zeros(1, 4), "giou", backend="c")
+    with pytest.raises(ValueError, match="backend='native' runs on CPU tensors only, got device meta"):
+        _kernels.resolve_backend("native", meta)
+    monkeypatch.setattr(_kernels, "_native", None)
+    assert _kernels.resolve_backend("auto", cpu) == "eager"
+    with pytest.raises(RuntimeError, match="needs the compiled extension boxloss._native"):
+        _kernels.resolve_backend("native", cpu)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", list(PUBLIC))
+def test_native_threads_and_grad_layouts(kind, dtype, monkeypatch):
+    """200k pairs: the loops split over threads (ranges of >= 16384 pairs); against the eager kernel
+    (same formulas: equal to rounding) with an expanded ("sum"), a contiguous and a strided incoming
+    gradient, with 1, 2 and 3 threads."""
+    n = 200_000
+    pred, target = box_pairs(n, seed=31, dtype=dtype)
+    strided = torch.rand(2 * n, dtype=dtype, generator=torch.Generator().manual_seed(4))[::2]
+    for grad_out in (torch.ones((), dtype=dtype).expand(n), strided.contiguous(), strided):
+        want = value_and_grads(eager, pred, target, grad_out=grad_out, kind=kind)
+        for threads in (1, 2, 3):
+            monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
+            got = value_and_grads(native, pred, target, grad_out=grad_out, kind=kind)
+            for a, b in zip(got, want):
+                assert_close_scaled(a, b, TOL[dtype])
+
+
+def test_native_only_pred_requires_grad_and_batch_shapes():
+    """4 saved rows when only the prediction needs a gradient; [B, M, 4] and non-contiguous inputs."""
+    pred, target = box_pairs(600, seed=33, dtype=torch.float64)
+    p = pred.view(20, 30, 4).transpose(0, 1).clone().transpose(0, 1).requires_grad_()  # non-contiguous
+    t = target.view(20, 30, 4)
+    loss = native(p, t, "ciou")
+    assert loss.shape == (20, 30)
+    (gp,) = torch.autograd.grad(loss.sum(), p)
+    q = pred.view(20, 30, 4).clone().requires_grad_()
+    (want,) = torch.autograd.grad(reference_loss(q, t, "ciou").sum(), q)
+    assert_close_scaled(gp, want, 1e-10)
+
+
+def test_pool_evicts_by_identity():
+    """More large outputs than the pool keeps: it drops a free buffer (by identity, not ==)."""
+    pool = _kernels._Pool()
+    held = [pool.empty((300_000 + 1000 * i,), torch.float32) for i in range(pool._MAX_BUFFERS)]
+    extra = pool.empty((400_000,), torch.float32)  # pool full, all held: a fresh, unpooled tensor
+    assert all(extra.data_ptr() != h.data_ptr() for h in held)
+    del held[0]
+    again = pool.empty((500_000,), torch.float32)  # evicts the freed buffer, keeps the held ones
+    assert len(pool._bufs) == pool._MAX_BUFFERS
+    assert all(again.data_ptr() != h.data_ptr() for h in held)
