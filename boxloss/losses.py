@@ -13,8 +13,9 @@ empty input is 0 and keeps the graph. Float16/bfloat16 inputs are computed and r
 
 The IoU family runs on :func:`boxloss._kernels.iou_family_loss`: loss and gradient in closed form
 in one forward sweep, 6 numbers per pair kept for backward (4 when the target needs no gradient),
-the same values and gradients as the plain-autograd formulation ``boxes._iou_family``. These
-losses are therefore differentiable once (no double backward).
+the same values and gradients as the plain-autograd formulation ``boxes._iou_family``. On CPU
+the compiled loops of ``boxloss._native`` run it (``BOXLOSS_KERNEL=eager`` selects the PyTorch-ops
+kernel that GPUs use). These losses are therefore differentiable once (no double backward).
 """
 
 from __future__ import annotations
