@@ -221,3 +221,31 @@ def test_head_norm_groups_puts_group_norm_after_every_head_conv():
         build_detector("retinanet", num_classes=3, backbone="resnet18", fpn_channels=32, head_norm_groups=5)
     with pytest.raises(ValueError, match="head_norm_groups is a RetinaNet option"):
         build_detector("faster_rcnn", num_classes=3, backbone="resnet18", head_norm_groups=8)
+
+
+@pytest.mark.parametrize("arch,extra", [("retinanet", 2), ("faster_rcnn", 1)])
+def test_returned_layers_choose_the_fpn_inputs_and_drop_later_stages(arch, extra):
+    """returned_layers=[2, 3]: the FPN reads layer2/layer3, layer4 is not in the model at all, and
+    the levels (+ P6/P7 or the pooled one) match the anchors; torch.manual_seed'ed trunks agree."""
+    sizes = ((16,), (32,), (64,), (128,))[: 2 + extra]
+    torch.manual_seed(0)
+    model = build_detector(arch, num_classes=3, backbone="resnet18", fpn_channels=32, returned_layers=[2, 3],
+                           anchor_sizes=sizes, min_size=96, max_size=96)
+    names = [n for n, _ in model.named_parameters()]
+    assert not any(".layer4." in n for n in names) and any(".layer3." in n for n in names)
+    torch.manual_seed(0)
+    full = build_detector(arch, num_classes=3, backbone="resnet18", fpn_channels=32, min_size=96, max_size=96)
+    for name in ("conv1.weight", "layer3.1.conv2.weight"):  # same seeded trunk, up to layer3
+        assert torch.equal(model.backbone.body.get_submodule(name.rsplit(".", 1)[0]).weight,
+                           full.backbone.body.get_submodule(name.rsplit(".", 1)[0]).weight)
+    x = torch.rand(1, 3, 96, 96)
+    feats = model.backbone(x)
+    assert [f.shape[-1] for f in feats.values()] == [12, 6, 3, 2][: 2 + extra]  # strides 8, 16, 32, 64
+    model.eval()
+    with torch.no_grad():
+        (out,) = model([x[0]])
+    assert out["boxes"].shape[1] == 4
+    with pytest.raises(ValueError, match=r"returned_layers must be increasing ResNet stages from 1-4, e.g. \[2, 3\], got \[3, 2\]"):
+        build_detector(arch, num_classes=3, backbone="resnet18", returned_layers=[3, 2])
+    with pytest.raises(ValueError, match="anchor_sizes must have one entry per feature level"):
+        build_detector(arch, num_classes=3, backbone="resnet18", returned_layers=[2, 3], anchor_sizes=sizes + ((256,),))
