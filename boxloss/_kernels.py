@@ -15,7 +15,7 @@ Two backends compute the same per-pair formulas, op for op (see :func:`resolve_b
   numbers of each pair; backward is one more pass. The loops run on ``torch.get_num_threads()``
   pthreads with the GIL released (ranges of >= 16384 pairs). CIoU's two atans are taken by
   ``torch.atan`` on the aspect-ratio columns, so they are the very values of the other paths.
-  About 5-10x faster than the eager ops on CPU; see tools/bench_losses.py.
+  3-4x faster than the eager ops on CPU; see tools/bench_losses.py.
 * **eager**: PyTorch ops only (GPUs, and CPUs where the extension could not be built). How it is
   fast without a compiler, each op writing into a preallocated row:
 
@@ -664,8 +664,6 @@ def _backward_native(grad_out: Tensor, g: Tensor, need_target: bool) -> tuple[Te
     gt = _empty((n, 4), g.device, g.dtype) if need_target else None
     if n:
         go = grad_out.reshape(-1)  # "sum"/"mean" give an expanded (stride-0) gradient: kept as is
-        if go.dtype != g.dtype:
-            go = go.to(g.dtype)
         if go.stride(0) not in (0, 1):
             go = go.contiguous()
         _native.backward(_DTYPE_BITS[g.dtype], g.data_ptr(), rows, go.data_ptr(), go.stride(0), gp.data_ptr(),

@@ -104,6 +104,14 @@ static void parallel_run(range_fn fn, const void *args, int64_t n, int threads) 
     }
 }
 
+/* fn over [0, n) on `threads` threads with the GIL released; then None */
+static PyObject *run_released(range_fn fn, const void *args, int64_t n, int threads) {
+    Py_BEGIN_ALLOW_THREADS
+    parallel_run(fn, args, n, threads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static int check_dtype(int dtype) {
     if (dtype != 32 && dtype != 64) {
         PyErr_Format(PyExc_ValueError, "dtype must be 32 or 64 (float32 or float64), got %d", dtype);
@@ -141,10 +149,7 @@ static PyObject *py_forward(PyObject *self, PyObject *args) {
     a.loss = (void *)(uintptr_t)l;
     a.grad = (void *)(uintptr_t)g;
     a.n = n;
-    Py_BEGIN_ALLOW_THREADS
-    parallel_run(dtype == 32 ? forward_range_f32 : forward_range_f64, &a, n, threads);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+    return run_released(dtype == 32 ? forward_range_f32 : forward_range_f64, &a, n, threads);
 }
 
 static PyObject *py_aspect(PyObject *self, PyObject *args) {
@@ -166,10 +171,7 @@ static PyObject *py_aspect(PyObject *self, PyObject *args) {
     a.target = (const void *)(uintptr_t)t;
     a.atans = (void *)(uintptr_t)at;
     a.n = n;
-    Py_BEGIN_ALLOW_THREADS
-    parallel_run(dtype == 32 ? aspect_range_f32 : aspect_range_f64, &a, n, threads);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+    return run_released(dtype == 32 ? aspect_range_f32 : aspect_range_f64, &a, n, threads);
 }
 
 static PyObject *py_backward(PyObject *self, PyObject *args) {
@@ -196,10 +198,7 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
     a.grad_target = a.rows == 6 ? (void *)(uintptr_t)gt : NULL;
     a.n = n;
     a.go_stride = gs;
-    Py_BEGIN_ALLOW_THREADS
-    parallel_run(dtype == 32 ? backward_range_f32 : backward_range_f64, &a, n, threads);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+    return run_released(dtype == 32 ? backward_range_f32 : backward_range_f64, &a, n, threads);
 }
 
 static PyMethodDef methods[] = {

@@ -27,20 +27,20 @@ struct FN(cols) {
     const REAL *atp, *atg; /* CIoU: atan(w / (h + eps)) of pred and target */
 };
 
-static inline void FN(load_cols)(const REAL *restrict P, const REAL *restrict Q, int64_t s, int m,
-                                 struct FN(cols) *restrict c) {
+/* one box's [m, 4] rows from s on as four columns */
+static inline void FN(load_box)(const REAL *restrict B, int64_t s, int m, REAL *restrict c1, REAL *restrict c2,
+                                REAL *restrict c3, REAL *restrict c4) {
     for (int j = 0; j < m; j++) {
-        c->x1[j] = P[4 * (s + j)];
-        c->y1[j] = P[4 * (s + j) + 1];
-        c->x2[j] = P[4 * (s + j) + 2];
-        c->y2[j] = P[4 * (s + j) + 3];
+        c1[j] = B[4 * (s + j)];
+        c2[j] = B[4 * (s + j) + 1];
+        c3[j] = B[4 * (s + j) + 2];
+        c4[j] = B[4 * (s + j) + 3];
     }
-    for (int j = 0; j < m; j++) {
-        c->X1[j] = Q[4 * (s + j)];
-        c->Y1[j] = Q[4 * (s + j) + 1];
-        c->X2[j] = Q[4 * (s + j) + 2];
-        c->Y2[j] = Q[4 * (s + j) + 3];
-    }
+}
+
+static inline void FN(load_cols)(const REAL *P, const REAL *Q, int64_t s, int m, struct FN(cols) *c) {
+    FN(load_box)(P, s, m, c->x1, c->y1, c->x2, c->y2);
+    FN(load_box)(Q, s, m, c->X1, c->Y1, c->X2, c->Y2);
 }
 
 /* CIoU's aspect ratios w / (h + eps) of the clamped sizes, pred into R[i], target into R[n + i].

@@ -42,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import boxloss  # noqa: E402
+from boxloss._kernels import BACKENDS, resolve_backend  # noqa: E402
 
 try:
     import torchvision.ops as tvops
@@ -152,7 +153,7 @@ def main(argv=None) -> None:
     ap.add_argument("--losses", nargs="+", choices=list(OURS), default=list(OURS), help="losses to time")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU (2: the CI machine)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random box pairs")
-    ap.add_argument("--backend", choices=["auto", "native", "eager"], default="auto",
+    ap.add_argument("--backend", choices=BACKENDS, default="auto",
                     help="boxloss kernel on CPU: auto (the compiled loops when built), native or eager "
                          "(PyTorch ops; what GPUs run)")
     ap.add_argument("--pred-only", action="store_true",
@@ -166,7 +167,6 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     target_grad = not args.pred_only
     os.environ["BOXLOSS_KERNEL"] = args.backend  # read by every boxloss IoU-family call
-    from boxloss._kernels import resolve_backend
 
     for device in devices:
         kernel = resolve_backend(args.backend, torch.device(device))
