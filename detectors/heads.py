@@ -82,6 +82,25 @@ def check_nms_beta(value) -> float:
     return float(value)
 
 
+def set_box_loss(module: nn.Module, head: str, box_loss: str, loss_weight, prefix: str = "") -> None:
+    """Validate and set ``module.box_loss`` and ``module.loss_weight`` (None: the head's default).
+
+    ``prefix`` names the arguments in errors as the user passed them (``"rpn_"`` for the RPN).
+    """
+    check_choice(f"{prefix}box_loss", box_loss, BOX_LOSSES)
+    module.box_loss = box_loss
+    if loss_weight is None:
+        loss_weight = default_box_loss_weight(head, box_loss)
+    module.loss_weight = check_weight(f"{prefix}box_loss_weight", loss_weight)
+
+
+def set_nms(module: nn.Module, nms: str, nms_beta, prefix: str = "") -> None:
+    """Validate and set ``module.nms`` and ``module.nms_beta``."""
+    check_choice(f"{prefix}nms", nms, NMS_NAMES)
+    module.nms = nms
+    module.nms_beta = check_nms_beta(nms_beta)
+
+
 def default_box_loss_weight(head: str, box_loss: str) -> float:
     """The default weight of ``box_loss`` in a head (``"retinanet"``, ``"rpn"`` or ``"roi"``).
 
@@ -211,11 +230,7 @@ class BoxLossRegressionHead(RetinaNetRegressionHead):
 
     def __init__(self, in_channels, num_anchors, norm_layer=None, *, box_loss: str = "default", loss_weight=None):
         super().__init__(in_channels, num_anchors, norm_layer=norm_layer)
-        check_choice("box_loss", box_loss, BOX_LOSSES)
-        self.box_loss = box_loss
-        if loss_weight is None:
-            loss_weight = default_box_loss_weight("retinanet", box_loss)
-        self.loss_weight = check_weight("box_loss_weight", loss_weight)
+        set_box_loss(self, "retinanet", box_loss, loss_weight)
 
     def compute_loss(self, targets, head_outputs, anchors, matched_idxs):
         if self.box_loss == "default":
@@ -269,9 +284,7 @@ class BoxLossRetinaNet(RetinaNet):
 
     def __init__(self, backbone, num_classes, *, nms: str = "iou", nms_beta: float = 1.0, **kwargs):
         super().__init__(backbone, num_classes, **kwargs)
-        check_choice("nms", nms, NMS_NAMES)
-        self.nms = nms
-        self.nms_beta = check_nms_beta(nms_beta)
+        set_nms(self, nms, nms_beta)
 
     def compute_loss(self, targets, head_outputs, anchors):
         losses = super().compute_loss(targets, head_outputs, anchors)
@@ -331,14 +344,8 @@ class BoxLossRegionProposalNetwork(RegionProposalNetwork):
                  box_loss: str = "default", loss_weight=None, nms: str = "iou", nms_beta: float = 1.0):
         super().__init__(anchor_generator, head, fg_iou_thresh, bg_iou_thresh, batch_size_per_image,
                          positive_fraction, pre_nms_top_n, post_nms_top_n, nms_thresh, score_thresh)
-        check_choice("rpn_box_loss", box_loss, BOX_LOSSES)
-        check_choice("rpn_nms", nms, NMS_NAMES)
-        self.box_loss = box_loss
-        if loss_weight is None:
-            loss_weight = default_box_loss_weight("rpn", box_loss)
-        self.loss_weight = check_weight("rpn_box_loss_weight", loss_weight)
-        self.nms = nms
-        self.nms_beta = check_nms_beta(nms_beta)
+        set_box_loss(self, "rpn", box_loss, loss_weight, prefix="rpn_")
+        set_nms(self, nms, nms_beta, prefix="rpn_")
 
     @classmethod
     def from_torchvision(cls, rpn: RegionProposalNetwork, **options) -> "BoxLossRegionProposalNetwork":
@@ -457,14 +464,8 @@ class BoxLossRoIHeads(RoIHeads):
         super().__init__(box_roi_pool, box_head, box_predictor, fg_iou_thresh, bg_iou_thresh,
                          batch_size_per_image, positive_fraction, bbox_reg_weights, score_thresh,
                          nms_thresh, detections_per_img)
-        check_choice("box_loss", box_loss, BOX_LOSSES)
-        check_choice("nms", nms, NMS_NAMES)
-        self.box_loss = box_loss
-        if loss_weight is None:
-            loss_weight = default_box_loss_weight("roi", box_loss)
-        self.loss_weight = check_weight("box_loss_weight", loss_weight)
-        self.nms = nms
-        self.nms_beta = check_nms_beta(nms_beta)
+        set_box_loss(self, "roi", box_loss, loss_weight)
+        set_nms(self, nms, nms_beta)
 
     @classmethod
     def from_torchvision(cls, roi_heads: RoIHeads, **options) -> "BoxLossRoIHeads":
