@@ -72,6 +72,25 @@ def torchvision_reference(arch: str) -> nn.Module:
     return FasterRCNN(fpn, NUM_CLASSES, rpn_anchor_generator=anchors, **kw)
 
 
+def assert_same_backward_and_detections(ours: nn.Module, reference: nn.Module, ours_losses: dict,
+                                        ref_losses: dict, images) -> list[dict]:
+    """Backward of both loss dicts gives equal gradients, and eval-mode detections are torch.equal;
+    returns our detections (the callers check how many there are)."""
+    sum(ours_losses.values()).backward()
+    sum(ref_losses.values()).backward()
+    for (name, p), q in zip(ours.named_parameters(), reference.parameters()):
+        if p.requires_grad:
+            assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-8), name
+    ours.eval(), reference.eval()
+    with torch.no_grad():
+        mine_all, theirs_all = ours(images), reference(images)
+    assert len(mine_all) == len(theirs_all) == len(images)
+    for mine, theirs in zip(mine_all, theirs_all):
+        for key in ("boxes", "scores", "labels"):
+            assert torch.equal(mine[key], theirs[key]), key
+    return mine_all
+
+
 def decode(deltas: torch.Tensor, reference: torch.Tensor, weights=(1.0, 1.0, 1.0, 1.0)) -> torch.Tensor:
     """R-CNN box decoding written out: centre + (dx / wx) * size, size * exp(dw / ww)."""
     wx, wy, ww, wh = weights

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torchvision
 from det_helpers import (
+    assert_same_backward_and_detections,
     overfit_box_ious,
     CUDA,
     DELTA_LOSSES,
@@ -36,18 +37,9 @@ def test_default_loss_and_detections_equal_torchvision():
     assert set(ours_losses) == {"loss_classifier", "loss_box_reg"}
     assert torch.equal(ours_losses["loss_classifier"], ref_losses["classification"])
     assert torch.equal(ours_losses["loss_box_reg"], ref_losses["bbox_regression"])
-    sum(ours_losses.values()).backward()
-    sum(ref_losses.values()).backward()
-    for (name, p), q in zip(ours.named_parameters(), reference.parameters()):
-        if p.requires_grad:
-            assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-8), name
-
-    ours.eval(), reference.eval()
-    with torch.no_grad():
-        for mine, theirs in zip(ours(images), reference(images)):
-            assert len(mine["boxes"]) == 300  # detections_per_img: the comparison covers the NMS
-            for key in ("boxes", "scores", "labels"):
-                assert torch.equal(mine[key], theirs[key]), key
+    detections = assert_same_backward_and_detections(ours, reference, ours_losses, ref_losses, images)
+    # detections_per_img: the comparison covers the NMS
+    assert [len(d["boxes"]) for d in detections] == [300] * len(images)
 
 
 def test_seeded_build_equals_torchvision_resnet50_builder():
