@@ -15,7 +15,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 .PHONY: venv test test-slow demo clean
 
 # setup.py and the C sources too: they build the compiled loss kernels (boxloss/_native.c)
-$(VENV)/.installed: pyproject.toml setup.py boxloss/_native.c boxloss/_native_kernel.h
+$(VENV)/.installed: pyproject.toml setup.py boxloss/_native.c boxloss/_native_kernel.h boxloss/_nms_native.c boxloss/_nms_native_kernel.h
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install $(TORCH_PINS)

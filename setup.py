@@ -3,6 +3,9 @@
 ``boxloss._native`` holds the fused CPU loops of the IoU-family losses (plain C against the CPython
 API, no PyTorch headers: it compiles in about a second). It is optional: without a C compiler the
 install still succeeds and the losses run on eager PyTorch ops (``boxloss._kernels``).
+
+``boxloss._nms_native`` holds the sequential greedy (D)IoU-NMS, weighted NMS and Soft-NMS loops of
+``boxloss.nms`` (plain C as well, optional in the same way: without it NMS runs on PyTorch ops).
 """
 
 from setuptools import Extension, setup
@@ -18,6 +21,15 @@ setup(
             extra_compile_args=["-O3", "-pthread", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"],
             extra_link_args=["-pthread"],
             optional=True,
-        )
+        ),
+        Extension(
+            "boxloss._nms_native",
+            sources=["boxloss/_nms_native.c"],
+            depends=["boxloss/_nms_native_kernel.h"],
+            # the same flags: IEEE arithmetic without contraction, so the (D)IoU values equal the torch
+            # path's bit for bit and values at the threshold decide alike
+            extra_compile_args=["-O2", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"],
+            optional=True,
+        ),
     ]
 )

@@ -1,4 +1,5 @@
-"""DIoU-NMS: greedy non-maximum suppression with the DIoU distance term, exact and batched by class.
+"""DIoU-NMS, weighted NMS and Soft-NMS: greedy non-maximum suppression with the DIoU distance term,
+exact and batched by class.
 
 Greedy NMS visits boxes by decreasing score and keeps a box unless an already kept box suppresses
 it. DIoU-NMS (Zheng et al., AAAI 2020, Sec. "Non-Maximum Suppression using DIoU") suppresses box j
@@ -10,8 +11,20 @@ rho the distance between the box centres and c the diagonal of the smallest box 
 Two overlapping boxes with far-apart centres (two adjacent objects) are thus kept where plain NMS
 drops one; ``beta -> inf`` (or ``distance=False``) is plain IoU NMS.
 
-How the exact greedy result is reached fast, without a per-box Python loop
---------------------------------------------------------------------------
+Two implementations give the same kept indices, in the same order (see :func:`_use_native`):
+
+* **native** (the CPU default): ``boxloss._nms_native``, plain C built by ``pip install``. Per
+  category, the boxes are visited by rank and each is tested only against the kept boxes whose x1
+  lies in the window the threshold allows (the bound of step 2 below), found by binary search in
+  the category's boxes sorted by x1, the kept ones being bits of a bitset over that order. The
+  values are computed in the same dtype with the same operations in the same order as the torch
+  path, so values exactly at the threshold decide alike. No torch op besides the input checks;
+  the GIL is released. ``BOXLOSS_KERNEL=eager`` selects the torch path on CPU (the variable and
+  values of the loss kernels, ``boxloss._kernels.BACKENDS``).
+* **torch** (GPUs, CPUs without the extension, and the test oracle): PyTorch ops only, below.
+
+How the exact greedy result is reached with PyTorch ops, without a per-box Python loop
+--------------------------------------------------------------------------------------
 1. **Rank.** A stable sort on decreasing score (equal scores: lower index first).
 2. **Sparse candidates.** For ``iou_threshold >= 0`` only pairs with IoU > threshold can suppress
    (DIoU <= IoU), and IoU > t forces the x-ranges to overlap by more than t * max(w_i, w_j) (and
@@ -35,28 +48,52 @@ How the exact greedy result is reached fast, without a per-box Python loop
    stopped paying for their extra searches once stages were in.)
 
 For ``iou_threshold < 0`` disjoint boxes can suppress (DIoU < 0) and a per-category parallel
-greedy loop is used instead (one round per kept box of the largest category, memory O(N)).
+greedy loop is used instead (one round per kept box of the largest category, memory O(N)); the C
+kernel then compares each box with every kept box of its category.
 
 Numerics: boxes are computed in float32 (float16/bfloat16/integers upcast) or float64, and the
 computed value is compared with ``iou_threshold`` as an exact real number (as torchvision's CPU
 kernel does). With ``distance=False`` the IoU is computed with the same operations as
 ``torchvision.ops.nms`` (inter / (area_i + area_j - inter)), so on valid boxes the kept indices
 are identical. Boxes with zero or non-finite area can neither suppress nor be suppressed (their
-IoU is 0 or NaN). No data-dependent asserts; a few host syncs (sizes of candidate and edge lists,
-one per resolution round) are unavoidable on CUDA.
+IoU is 0 or NaN). ``beta`` other than 1, 0.5, 2, 3 and inf takes ``pow``: the C kernel uses the
+libm ``pow`` of torch's scalar loop, torch's vectorised loop a SLEEF ``pow`` within 1 ulp, so a
+penalty can differ in its last bit there. No data-dependent asserts; a few host syncs (sizes of
+candidate and edge lists, one per resolution round) are unavoidable on CUDA.
+
+Weighted NMS (:func:`weighted_nms`) is the same greedy pass, returning for each kept box the
+score-weighted mean of the boxes it suppresses. Soft-NMS (:func:`soft_nms`) decays scores instead
+of removing boxes (Bodla et al., ICCV 2017, arXiv:1704.04503).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import os
 
 import torch
 from torch import Tensor
 
+from ._kernels import BACKENDS
 from .boxes import _check_box_tensor, _upcast
 
-__all__ = ["diou_nms", "batched_diou_nms"]
+try:  # the C loops, built by `pip install` (setup.py); without a compiler the torch path runs
+    from . import _nms_native
+except ImportError:  # pragma: no cover - depends on the build
+    _nms_native = None
+
+__all__ = [
+    "diou_nms",
+    "batched_diou_nms",
+    "weighted_nms",
+    "batched_weighted_nms",
+    "soft_nms",
+    "batched_soft_nms",
+    "SOFT_NMS_METHODS",
+]
+
+SOFT_NMS_METHODS = ("linear", "gaussian")
 
 # Geometric pruning uses a threshold t' this much smaller than t, so float rounding of the computed
 # IoU (a few ulp) can never push a true suppression out of the candidate set.
@@ -101,7 +138,8 @@ def diou_nms(
 
     Returns:
         ``[K]`` int64 indices of the kept boxes, by decreasing score (ties by index). Boxes of zero
-        or non-finite area (IoU 0 or NaN with everything) are always kept. Scores must not be NaN.
+        or non-finite area (IoU 0 or NaN with everything) are always kept. Scores must not be NaN
+        (a NaN score ranks first, as in ``torch.sort``).
 
     Reference:
         Zheng et al., "Distance-IoU Loss: Faster and Better Learning for Bounding Box Regression",
@@ -110,7 +148,9 @@ def diou_nms(
         (Cluster-NMS), arXiv:2005.03572.
     """
     boxes, scores, _ = _check_inputs(boxes, scores, None, iou_threshold, beta, distance)
-    return _nms(boxes, scores, None, float(iou_threshold), float(beta), bool(distance))
+    if _use_native(boxes.device):
+        return _native_nms(boxes, scores, None, float(iou_threshold), float(beta), distance, False)[0]
+    return _nms(boxes, scores, None, float(iou_threshold), float(beta), distance)
 
 
 def batched_diou_nms(
@@ -143,7 +183,180 @@ def batched_diou_nms(
         Zheng et al., "Distance-IoU Loss", AAAI 2020, arXiv:1911.08287.
     """
     boxes, scores, idxs = _check_inputs(boxes, scores, idxs, iou_threshold, beta, distance)
-    return _nms(boxes, scores, idxs, float(iou_threshold), float(beta), bool(distance))
+    if _use_native(boxes.device):
+        return _native_nms(boxes, scores, idxs, float(iou_threshold), float(beta), distance, False)[0]
+    return _nms(boxes, scores, idxs, float(iou_threshold), float(beta), distance)
+
+
+def weighted_nms(
+    boxes: Tensor, scores: Tensor, iou_threshold: float, *, beta: float = 1.0, distance: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Weighted (merge) NMS: greedy DIoU-NMS whose kept boxes become the score-weighted mean of the
+    boxes they suppress.
+
+    The greedy pass is that of :func:`diou_nms` (same rule, same kept indices). When box i is kept,
+    its cluster is i itself and every box j ranked after i, not yet suppressed at that step, with
+    ``IoU(i, j) - (rho^2 / c^2) ** beta > iou_threshold``: exactly the boxes i suppresses, so each
+    box enters one mean, that of the best-ranked kept box that suppresses it. The merged box is
+
+    ``b_i + sum_j s_j (b_j - b_i) / sum_j s_j``  over the cluster (i included),
+
+    which is ``sum_j s_j b_j / sum_j s_j``, computed in float64 from b_i so that a cluster of one
+    box returns it exactly. Peers differ: ultralytics' ``merge`` averages, with the same score
+    weights, every box above the threshold, including boxes already suppressed by a better kept
+    box; Cluster-NMS weights by score x IoU.
+
+    Args:
+        boxes: ``[N, 4]`` boxes ``(x1, y1, x2, y2)`` (computed in float32, or float64).
+        scores: ``[N]`` scores, also the weights; should be >= 0 (a cluster whose weights sum to 0
+            keeps its box unchanged).
+        iou_threshold: suppress when the (D)IoU is strictly greater than this.
+        beta: exponent of the distance penalty (> 0).
+        distance: ``False`` gives plain IoU NMS with merging.
+
+    Returns:
+        ``(keep, merged_boxes)``: ``[K]`` int64 indices of the kept boxes by decreasing score (ties
+        by index), those of :func:`diou_nms`, and ``[K, 4]`` merged boxes in the compute dtype
+        (float32, or float64 for float64 boxes). Boxes of zero or non-finite area stay alone.
+
+    Reference:
+        Zheng et al., "Enhancing Geometric Factors in Model Learning and Inference for Object
+        Detection and Instance Segmentation" (Cluster-NMS, weighted coordinates),
+        arXiv:2005.03572; the ``merge`` option of ultralytics' ``non_max_suppression``.
+    """
+    boxes, scores, _ = _check_inputs(boxes, scores, None, iou_threshold, beta, distance)
+    if _use_native(boxes.device):
+        return _native_nms(boxes, scores, None, float(iou_threshold), float(beta), distance, True)
+    return _weighted_torch(boxes, scores, None, float(iou_threshold), float(beta), distance)
+
+
+def batched_weighted_nms(
+    boxes: Tensor,
+    scores: Tensor,
+    idxs: Tensor,
+    iou_threshold: float,
+    *,
+    beta: float = 1.0,
+    distance: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Weighted NMS per category: boxes with different ``idxs`` never suppress nor merge.
+
+    Same rule, arguments and results as :func:`weighted_nms`, applied to each value of ``idxs``.
+
+    Args:
+        boxes: ``[N, 4]`` boxes ``(x1, y1, x2, y2)``.
+        scores: ``[N]`` scores (the weights).
+        idxs: ``[N]`` integer category of each box.
+        iou_threshold: suppress when the (D)IoU is strictly greater than this.
+        beta: exponent of the distance penalty (> 0).
+        distance: ``False`` gives plain IoU NMS with merging.
+
+    Returns:
+        ``(keep, merged_boxes)``: ``[K]`` int64 indices as :func:`batched_diou_nms` and their
+        ``[K, 4]`` merged boxes.
+
+    Reference:
+        Zheng et al., Cluster-NMS, arXiv:2005.03572.
+    """
+    boxes, scores, idxs = _check_inputs(boxes, scores, idxs, iou_threshold, beta, distance)
+    if _use_native(boxes.device):
+        return _native_nms(boxes, scores, idxs, float(iou_threshold), float(beta), distance, True)
+    return _weighted_torch(boxes, scores, idxs, float(iou_threshold), float(beta), distance)
+
+
+def soft_nms(
+    boxes: Tensor,
+    scores: Tensor,
+    *,
+    method: str = "gaussian",
+    sigma: float = 0.5,
+    iou_threshold: float = 0.3,
+    score_threshold: float = 0.001,
+    distance: bool = False,
+    beta: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Soft-NMS: decay the scores of the boxes overlapping each selected box instead of removing them.
+
+    Algorithm 1 of the paper: repeatedly select the box of highest current score (equal scores:
+    lower index), then multiply the score of every remaining box by f(o), o the overlap with the
+    selected box, and drop the boxes whose score is below ``score_threshold`` (boxes starting below
+    it, or with a NaN score, are never selected):
+
+    * ``"linear"`` (Eq. 2): f = 1 - o where o >= ``iou_threshold``, else 1;
+    * ``"gaussian"`` (Eq. 3): f = exp(-o^2 / ``sigma``) for every box.
+
+    o is the IoU, or with ``distance=True`` max(IoU - (rho^2 / c^2) ** beta, 0) (the DIoU
+    criterion); it is computed as in :func:`diou_nms` and clamped to [0, 1] (0 for the NaN of two
+    empty boxes); the scores are decayed in float64.
+
+    Args:
+        boxes: ``[N, 4]`` boxes ``(x1, y1, x2, y2)`` (computed in float32, or float64).
+        scores: ``[N]`` scores.
+        method: ``"gaussian"`` (the paper's choice) or ``"linear"``.
+        sigma: width of the gaussian (> 0); 0.5 in the paper.
+        iou_threshold: N_t of the linear method (ignored by the gaussian one); 0.3 in the paper.
+        score_threshold: boxes whose current score falls below this are dropped.
+        distance: use max(DIoU, 0) as the overlap instead of the IoU.
+        beta: exponent of the distance penalty (> 0), with ``distance=True``.
+
+    Returns:
+        ``(keep, new_scores)``: ``[K]`` int64 indices of the selected boxes in selection order
+        (which is decreasing decayed score, ties by index) and their ``[K]`` scores at selection,
+        in float32 (float64 for float64 scores).
+
+    Reference:
+        Bodla et al., "Soft-NMS -- Improving Object Detection With One Line of Code", ICCV 2017,
+        arXiv:1704.04503; DIoU as the overlap: Zheng et al., arXiv:1911.08287.
+    """
+    boxes, scores, _ = _check_inputs(boxes, scores, None, iou_threshold, beta, distance)
+    _check_soft_args(method, sigma, score_threshold)
+    args = (method, float(sigma), float(iou_threshold), float(score_threshold), distance, float(beta))
+    if _use_native(boxes.device):
+        return _native_soft_nms(boxes, scores, None, *args)
+    return _soft_torch(boxes, scores, None, *args)
+
+
+def batched_soft_nms(
+    boxes: Tensor,
+    scores: Tensor,
+    idxs: Tensor,
+    *,
+    method: str = "gaussian",
+    sigma: float = 0.5,
+    iou_threshold: float = 0.3,
+    score_threshold: float = 0.001,
+    distance: bool = False,
+    beta: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Soft-NMS per category: boxes with different ``idxs`` never decay each other's scores.
+
+    Same rule and arguments as :func:`soft_nms`. The selection order is that of one run over all
+    categories at once (each step selects the highest current score of any category), which is
+    decreasing decayed score, ties by index.
+
+    Args:
+        boxes: ``[N, 4]`` boxes ``(x1, y1, x2, y2)``.
+        scores: ``[N]`` scores.
+        idxs: ``[N]`` integer category of each box.
+        method: ``"gaussian"`` or ``"linear"``.
+        sigma: width of the gaussian (> 0).
+        iou_threshold: N_t of the linear method.
+        score_threshold: boxes whose current score falls below this are dropped.
+        distance: use max(DIoU, 0) as the overlap.
+        beta: exponent of the distance penalty (> 0).
+
+    Returns:
+        ``(keep, new_scores)``: ``[K]`` int64 indices and their ``[K]`` decayed scores.
+
+    Reference:
+        Bodla et al., "Soft-NMS", ICCV 2017, arXiv:1704.04503.
+    """
+    boxes, scores, idxs = _check_inputs(boxes, scores, idxs, iou_threshold, beta, distance)
+    _check_soft_args(method, sigma, score_threshold)
+    args = (method, float(sigma), float(iou_threshold), float(score_threshold), distance, float(beta))
+    if _use_native(boxes.device):
+        return _native_soft_nms(boxes, scores, idxs, *args)
+    return _soft_torch(boxes, scores, idxs, *args)
 
 
 # ---------------------------------------------------------------------------------------- checks
@@ -180,6 +393,38 @@ def _check_inputs(boxes, scores, idxs, iou_threshold, beta, distance):
     if not isinstance(distance, bool):
         raise TypeError(f"distance must be True or False, got {distance!r}")
     return boxes, scores, idxs
+
+
+def _check_soft_args(method, sigma, score_threshold):
+    if method not in SOFT_NMS_METHODS:
+        raise ValueError(f"method must be one of {SOFT_NMS_METHODS}, got {method!r}")
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not 0 < sigma < math.inf:
+        raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+    if (
+        isinstance(score_threshold, bool)
+        or not isinstance(score_threshold, numbers.Real)
+        or math.isnan(score_threshold)
+    ):
+        raise ValueError(f"score_threshold must be a real number, got {score_threshold!r}")
+
+
+def _use_native(device: torch.device) -> bool:
+    """Whether the C kernel runs: ``$BOXLOSS_KERNEL`` as for the losses (``boxloss._kernels``):
+    ``"auto"`` (default) for CPU tensors when the extension is built, ``"eager"`` never (the torch
+    path), ``"native"`` always, raising where it cannot run."""
+    backend = os.environ.get("BOXLOSS_KERNEL", "auto")
+    if backend == "auto":
+        return device.type == "cpu" and _nms_native is not None
+    if backend == "eager":
+        return False
+    if backend != "native":
+        raise ValueError(f"BOXLOSS_KERNEL must be one of {BACKENDS}, got {backend!r}")
+    if device.type != "cpu":
+        raise ValueError(f"BOXLOSS_KERNEL='native' runs on CPU tensors only, got device {device}")
+    if _nms_native is None:
+        raise RuntimeError("BOXLOSS_KERNEL='native' needs the compiled extension boxloss._nms_native, which is "
+                           "not built: reinstall with a C compiler present (pip install -e .)")
+    return True
 
 
 # ------------------------------------------------------------------------------- the value
@@ -536,3 +781,154 @@ def _nms_dense(b: Tensor, order: Tensor, idxs: Tensor | None, t: float, beta: fl
         value = _suppression_value(feat.index_select(0, pick), feat.index_select(0, rem), beta, distance)
         remaining[rem[(value > thr) | (pick == rem)]] = False
     return order[kept]
+
+
+# ------------------------------------------------------------------------------ C kernel
+
+_BITS = {torch.float32: 32, torch.float64: 64}
+
+
+def _native_nms(boxes: Tensor, scores: Tensor, idxs: Tensor | None, t: float, beta: float, distance: bool,
+                weighted: bool):
+    """Greedy (D)IoU-NMS by ``boxloss._nms_native`` on CPU tensors: ``(keep, merged boxes or None)``.
+
+    float32/float64 scores are ranked in C (the order of ``torch.sort(descending=True,
+    stable=True)``: NaN first, -0 == +0); other dtypes are ranked by ``torch.sort`` here."""
+    b = _upcast(boxes).contiguous()
+    n = b.shape[0]
+    keep = torch.empty(n, dtype=torch.int64)
+    s_bits = _BITS.get(scores.dtype, 0)
+    if s_bits:
+        s = scores.contiguous()
+        s_ptr, order_ptr = s.data_ptr(), 0
+    else:
+        order = torch.sort(scores, descending=True, stable=True)[1]
+        s_ptr, order_ptr = 0, order.data_ptr()
+    c_ptr = 0
+    if idxs is not None:
+        c = idxs.contiguous() if idxs.dtype == torch.int64 else idxs.long()
+        c_ptr = c.data_ptr()
+    merged, w_bits, w_ptr, m_ptr = None, 0, 0, 0
+    if weighted:
+        w = s if s_bits else scores.double()
+        merged = torch.empty(n, 4, dtype=b.dtype)
+        w_bits, w_ptr, m_ptr = _BITS[w.dtype], w.data_ptr(), merged.data_ptr()
+    k = _nms_native.nms(_BITS[b.dtype], b.data_ptr(), n, s_bits, s_ptr, order_ptr, c_ptr, t, beta, int(distance),
+                        keep.data_ptr(), w_bits, w_ptr, m_ptr)
+    return keep.resize_(k), (merged.resize_(k, 4) if weighted else None)
+
+
+def _native_soft_nms(boxes, scores, idxs, method, sigma, iou_threshold, score_threshold, distance, beta):
+    """Soft-NMS by ``boxloss._nms_native`` (a heap of current scores per category, and each selected
+    box decays only the remaining boxes that overlap it, found as in greedy NMS)."""
+    b = _upcast(boxes).contiguous()
+    n = b.shape[0]
+    s = scores.contiguous() if scores.dtype in _BITS else scores.double()
+    c_ptr = 0
+    if idxs is not None:
+        c = idxs.contiguous() if idxs.dtype == torch.int64 else idxs.long()
+        c_ptr = c.data_ptr()
+    keep = torch.empty(n, dtype=torch.int64)
+    new_scores = torch.empty(n, dtype=torch.float64)
+    k = _nms_native.soft_nms(_BITS[b.dtype], b.data_ptr(), n, _BITS[s.dtype], s.data_ptr(), c_ptr,
+                             SOFT_NMS_METHODS.index(method), sigma, iou_threshold, score_threshold, int(distance),
+                             beta, keep.data_ptr(), new_scores.data_ptr())
+    return keep.resize_(k), new_scores.resize_(k).to(_soft_score_dtype(scores.dtype))
+
+
+def _soft_score_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ------------------------------------------------------------------- torch weighted / Soft-NMS
+
+
+def _weighted_torch(boxes: Tensor, scores: Tensor, idxs: Tensor | None, t: float, beta: float, distance: bool):
+    """Weighted NMS with torch ops: the kept boxes of :func:`_nms`, then each suppressed box joins the
+    best-ranked kept box of its category, ranked before it, whose value exceeds t (the box that
+    suppressed it in the greedy pass), and the clusters are averaged in float64."""
+    keep = _nms(boxes, scores, idxs, t, beta, distance)
+    b = _upcast(boxes)
+    n, k, dev = b.shape[0], keep.numel(), b.device
+    if k == 0:
+        return keep, b.new_empty(0, 4)
+    rank = torch.empty(n, dtype=torch.int64, device=dev)
+    rank[torch.sort(scores, descending=True, stable=True)[1]] = torch.arange(n, device=dev)
+    kb, kr = b.index_select(0, keep), rank.index_select(0, keep)  # keep is in rank order
+    kc = idxs.index_select(0, keep) if idxs is not None else None
+    thr = _exclusive_threshold(t, b.dtype)
+    owner = torch.empty(n, dtype=torch.int64, device=dev)  # position in keep of each box's cluster
+    step = max(1, (1 << 22) // k)  # [K, step] value blocks
+    for j0 in range(0, n, step):
+        bj = b[j0 : j0 + step]
+        hit = _suppression_value(kb[:, None], bj[None], beta, distance) > thr  # [K, J]
+        hit &= kr[:, None] < rank[None, j0 : j0 + step]
+        if kc is not None:
+            hit &= kc[:, None] == idxs[None, j0 : j0 + step]
+        owner[j0 : j0 + step] = hit.byte().argmax(0)  # first True: the best-ranked suppressor
+    owner[keep] = torch.arange(k, device=dev)
+    member = torch.ones(n, dtype=torch.bool, device=dev)
+    member[keep] = False
+    m = member.nonzero().squeeze(1)
+    w = scores.double()
+    bd = b.double()
+    om = owner.index_select(0, m)
+    wm = w.index_select(0, m)
+    acc = torch.zeros(k, 4, dtype=torch.float64, device=dev).index_add_(
+        0, om, wm[:, None] * (bd.index_select(0, m) - bd.index_select(0, keep.index_select(0, om)))
+    )
+    total = w.index_select(0, keep).index_add(0, om, wm)
+    count = torch.zeros(k, dtype=torch.int64, device=dev).index_add_(0, om, torch.ones_like(om))
+    mean = (bd.index_select(0, keep) + acc / total[:, None]).to(b.dtype)
+    return keep, torch.where(((count > 0) & (total != 0))[:, None], mean, kb)
+
+
+def _soft_torch(boxes, scores, idxs, method, sigma, iou_threshold, score_threshold, distance, beta):
+    """Soft-NMS with torch ops: all categories advance together, one selection per category per round
+    (highest current score, ties by index), each decaying the rest of its category; one host sync per
+    round. The selections are then ordered by (score at selection desc, index)."""
+    b = _upcast(boxes)
+    n, dev = b.shape[0], b.device
+    out_dtype = _soft_score_dtype(scores.dtype)
+    cls = _compact_classes(idxs, n, dev)
+    nc = int(cls.max()) + 1 if n else 0
+    cur = scores.double().clone()
+    alive = cur >= score_threshold  # NaN: never selected
+    picked, picked_score = [], []
+    pos = torch.arange(n, device=dev)
+    while True:
+        rem = alive.nonzero().squeeze(1)
+        if rem.numel() == 0:
+            break
+        c, s = cls.index_select(0, rem), cur.index_select(0, rem)
+        best = torch.full((nc,), -math.inf, dtype=torch.float64, device=dev).scatter_reduce_(
+            0, c, s, "amax", include_self=False
+        )
+        top = s == best.index_select(0, c)
+        first = torch.full((nc,), n, dtype=torch.int64, device=dev).scatter_reduce_(
+            0, c[top], pos.index_select(0, rem)[top], "amin"
+        )
+        sel = first[first < n]
+        picked.append(sel)
+        picked_score.append(cur.index_select(0, sel))
+        alive[sel] = False
+        rem = alive.nonzero().squeeze(1)
+        if rem.numel() == 0:
+            break
+        pick = first.index_select(0, cls.index_select(0, rem))  # the selected box of each one's category
+        o = _suppression_value(b.index_select(0, pick), b.index_select(0, rem), beta, distance).double()
+        o = torch.where(o > 0, o.clamp(max=1), 0.0)  # NaN (two empty boxes) -> 0
+        if method == "gaussian":
+            f = torch.exp(-(o * o) / sigma)
+        else:
+            f = torch.where(o >= iou_threshold, 1 - o, 1.0)
+        s = cur.index_select(0, rem) * f
+        cur.index_copy_(0, rem, s)
+        alive.index_copy_(0, rem, s >= score_threshold)
+    if not picked:
+        return torch.empty(0, dtype=torch.int64, device=dev), torch.empty(0, dtype=out_dtype, device=dev)
+    keep, kept_scores = torch.cat(picked), torch.cat(picked_score)
+    by_index = torch.sort(keep)[1]
+    keep, kept_scores = keep[by_index], kept_scores[by_index]
+    by_score = torch.sort(kept_scores, descending=True, stable=True)[1]
+    return keep[by_score], kept_scores[by_score].to(out_dtype)
