@@ -22,6 +22,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from .errors import DataError, DataNotFoundError
+
 __all__ = [
     "CocoDetection",
     "Compose",
@@ -33,13 +35,13 @@ __all__ = [
 ]
 
 
-class AnnotationError(ValueError):
+class AnnotationError(DataError):
     """An annotation file that cannot be used; the message names the file and the offending key."""
 
 
 def _load_json(ann_file: str) -> dict:
     if not os.path.isfile(ann_file):
-        raise FileNotFoundError(f"annotation file not found: {ann_file!r}")
+        raise DataNotFoundError(f"annotation file not found: {ann_file!r}")
     try:
         with open(ann_file) as f:
             data = json.load(f)
@@ -90,7 +92,7 @@ def validate_coco_annotations(ann_file: str, img_dir: str | None = None, *, inva
             raise AnnotationError(f"{ann_file}: duplicate image id {img['id']!r}")
         images[img["id"]] = img
         if img_dir is not None and not os.path.isfile(os.path.join(img_dir, img["file_name"])):
-            raise FileNotFoundError(
+            raise DataNotFoundError(
                 f"{ann_file}: image id {img['id']} file {os.path.join(img_dir, img['file_name'])!r} not found"
             )
     for cat in data["categories"]:
@@ -199,8 +201,12 @@ class CocoDetection(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, dict]:
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
-        with Image.open(os.path.join(self.img_dir, info["file_name"])) as im:
-            image = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy())
+        path = os.path.join(self.img_dir, info["file_name"])
+        try:
+            with Image.open(path) as im:
+                image = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy())
+        except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+            raise DataError(f"cannot read image {path!r} (image id {image_id}): {e}") from None
         image = image.permute(2, 0, 1).float().div_(255)  # [3, H, W]
         boxes, labels = self._annotations(image_id)
         h, w = image.shape[-2:]

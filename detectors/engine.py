@@ -1,22 +1,22 @@
-"""mmengine glue: the model wrapper, the COCO dataset and metric, the collate, checkpoint loading.
+"""mmengine glue: the model wrapper, the COCO dataset and metric, the collate, config checks.
 
 Importing this module registers, in mmengine's root registries:
 
 * ``MODELS``: :class:`DetectorModel` (a ``BaseModel`` around :func:`detectors.build_detector`);
-* ``DATASETS``: :class:`CocoDetectionDataset` (generates the built-in shapes data on first use);
+* ``DATASETS``: :class:`CocoDetectionDataset` (can generate the built-in shapes data);
 * ``METRICS``: :class:`CocoMetric` (pycocotools ``COCOeval``, one result per image);
 * ``FUNCTIONS``: ``detection_collate``;
-* a local checkpoint loader that passes ``weights_only=False`` to ``torch.load``: mmengine 0.10.7
-  calls ``torch.load`` with the default, which on torch >= 2.6 refuses the optimizer/scheduler/
-  message-hub state in the project's own checkpoints, so ``--resume`` would fail. Only load
-  checkpoints you trust (your own runs, torchvision's files), as with any pickle.
+* ``RUNNERS`` / ``HOOKS``: :class:`~detectors.runner.BoxLossRunner` and its checkpoint hook.
 
 Configs reach it with ``custom_imports = dict(imports=["detectors.engine"])``.
+:func:`check_config` rejects unknown keys in the model, dataset and evaluator sections before
+anything is built.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import os
 from typing import Sequence
@@ -27,28 +27,15 @@ from mmengine.evaluator import BaseMetric
 from mmengine.logging import MMLogger
 from mmengine.model import BaseModel
 from mmengine.registry import DATASETS, FUNCTIONS, METRICS, MODELS
-from mmengine.runner.checkpoint import CheckpointLoader
 
+from . import runner as _runner  # noqa: F401  (registers BoxLossRunner and BoxLossCheckpointHook)
 from .data import CocoDetection, Compose, RandomHorizontalFlip, Resize, detection_collate
+from .errors import DataError, DataNotFoundError, OptionError, check_known_keys
 from .fileio import atomic_json
-from .shapes import ensure_shapes
+from .shapes import make_shapes, shapes_exist
 
-__all__ = ["DetectorModel", "CocoDetectionDataset", "CocoMetric", "coco_summary", "load_trusted_checkpoint"]
+__all__ = ["DetectorModel", "CocoDetectionDataset", "CocoMetric", "coco_summary", "check_config"]
 
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def load_trusted_checkpoint(filename: str, map_location=None):
-    """``torch.load`` with ``weights_only=False`` for local files (the project's own checkpoints)."""
-    filename = os.path.expanduser(filename)
-    if not os.path.isfile(filename):
-        raise FileNotFoundError(f"checkpoint {filename!r} does not exist")
-    return torch.load(filename, map_location=map_location, weights_only=False)
-
-
-# '' is mmengine's prefix for local paths; force=True replaces its torch.load(...) default
-CheckpointLoader.register_scheme(prefixes="", loader=load_trusted_checkpoint, force=True)
 FUNCTIONS.register_module(name="detection_collate", module=detection_collate, force=True)
 
 
@@ -131,14 +118,26 @@ class CocoDetectionDataset(CocoDetection):
         train: training split (drops crowd and tiny boxes, images without boxes).
         transforms: list of transform configs, e.g. ``[dict(type="RandomHorizontalFlip", p=0.5)]``.
         invalid_boxes: ``"error"`` or ``"drop"`` (see :func:`~detectors.data.validate_coco_annotations`).
-        generate_shapes: a dict of :func:`~detectors.shapes.make_shapes` options: generate the
-            built-in shapes dataset under ``data_root`` first if it is missing.
+        generate_shapes: ``dict(root=..., **make_shapes options)``: generate the built-in shapes
+            dataset if it is missing, but only when ``data_root`` is that ``root``. Any other
+            ``data_root`` (``--data-root``, a typo) must already hold the data: a wrong path is an
+            error, never a new dataset.
     """
 
     def __init__(self, data_root: str, ann_file: str, img_dir: str, *, train: bool = False, transforms=None,
                  invalid_boxes: str = "error", generate_shapes: dict | None = None):
         if generate_shapes is not None:
-            ensure_shapes(data_root, **generate_shapes)
+            options = dict(generate_shapes)
+            root = options.pop("root", None)
+            if root is None:
+                raise OptionError("generate_shapes needs root=<the folder it may generate the data in>")
+            if os.path.normpath(root) == os.path.normpath(data_root) and not shapes_exist(data_root):
+                make_shapes(data_root, **options)
+        if not os.path.isfile(os.path.join(data_root, ann_file)):
+            raise DataNotFoundError(
+                f"annotation file not found: {os.path.join(data_root, ann_file)!r} (is data_root {data_root!r} "
+                f"right? the shapes data is generated only in its default folder, elsewhere by "
+                f"tools/make_shapes.py --out DIR)")
         super().__init__(os.path.join(data_root, ann_file), os.path.join(data_root, img_dir), train=train,
                          transforms=_build_transforms(transforms), invalid_boxes=invalid_boxes)
         self.metainfo = {"classes": self.classes}
@@ -154,15 +153,21 @@ def coco_summary(coco_gt, detections: list[dict], img_ids: Sequence[int] | None 
     """Run pycocotools ``COCOeval`` (bbox); returns the 12 stats and the summary text it printed.
 
     ``detections`` are COCO result dicts (``image_id``, ``category_id``, ``bbox`` xywh, ``score``).
-    With no detections pycocotools' ``loadRes([])`` raises; every stat is then 0 (nothing found).
+    With no detections every stat is 0, or -1 (pycocotools' "no ground truth of that size").
     """
     from pycocotools.cocoeval import COCOeval
 
+    from pycocotools.coco import COCO
+
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        if not detections:
-            return np.zeros(12), "no detections: every AP and AR is 0\n"
-        coco_dt = coco_gt.loadRes(detections)
+        if detections:
+            coco_dt = coco_gt.loadRes(detections)
+        else:  # loadRes([]) raises; an empty result set scores 0 where there is ground truth, -1 where none
+            coco_dt = COCO()
+            coco_dt.dataset = {"images": list(coco_gt.dataset["images"]), "annotations": [],
+                               "categories": list(coco_gt.dataset["categories"])}
+            coco_dt.createIndex()
         ev = COCOeval(coco_gt, coco_dt, "bbox")
         if img_ids is not None:
             ev.params.imgIds = sorted(img_ids)
@@ -200,7 +205,8 @@ class CocoMetric(BaseMetric):
         # the official ground truth as pycocotools reads it (no boxes dropped or changed)
         path = os.path.join(data_root, ann_file) if data_root else ann_file
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"val_evaluator.ann_file {path!r} does not exist")
+            raise DataNotFoundError(f"evaluator ann_file {path!r} does not exist")
+        self.ann_file = path
         with contextlib.redirect_stdout(io.StringIO()):
             self.coco = COCO(path)
         self.label_to_cat_id = {i + 1: c for i, c in enumerate(sorted(self.coco.getCatIds()))}
@@ -219,6 +225,11 @@ class CocoMetric(BaseMetric):
     def compute_metrics(self, results: list) -> dict:
         detections = []
         for r in results:
+            unknown = sorted({int(v) for v in r["labels"]} - set(self.label_to_cat_id))
+            if unknown:
+                # a bug in a head (background emitted) or a model trained for other classes
+                raise DataError(f"the model predicted labels {unknown} in image {r['image_id']}, but {self.ann_file!r} "
+                                f"has classes 1..{len(self.label_to_cat_id)} (is num_classes right for this data?)")
             for box, score, label in zip(r["bboxes"], r["scores"], r["labels"]):
                 detections.append({
                     "image_id": r["image_id"],
@@ -233,3 +244,38 @@ class CocoMetric(BaseMetric):
         MMLogger.get_current_instance().info(f"COCO bbox evaluation on {len(img_ids)} images:\n{text}")
         return {f"bbox_{name}": float(v) for name, v in zip(COCO_STAT_NAMES, stats)}
 
+
+
+# --------------------------------------------------------------------------- config checks
+
+
+def _parameters(fn, skip=("self",)) -> set:
+    return {n for n, p in inspect.signature(fn).parameters.items()
+            if n not in skip and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
+def check_config(cfg) -> None:
+    """Reject unknown keys in the model, dataset and evaluator sections (mmengine passes them on
+    as keywords, and torchvision's constructors swallow unknown ones), naming the key and the
+    closest valid one. Sections of other types are left to their own classes."""
+    from .models import _OWN_OPTIONS, _TORCHVISION_OPTIONS
+
+    model = cfg.get("model")
+    if model is not None and model.get("type") == "DetectorModel":
+        arch = model.get("arch")
+        if arch in _OWN_OPTIONS:
+            valid = {"type", "data_preprocessor"} | set(_OWN_OPTIONS[arch]) | set(_TORCHVISION_OPTIONS[arch])
+            check_known_keys("model", model.keys(), valid)
+    for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        dataset = (cfg.get(loader) or {}).get("dataset")
+        if dataset is not None and dataset.get("type") == "CocoDetectionDataset":
+            check_known_keys(f"{loader}.dataset", dataset.keys(),
+                             {"type"} | _parameters(CocoDetectionDataset.__init__))
+            shapes = dataset.get("generate_shapes")
+            if shapes is not None:
+                check_known_keys(f"{loader}.dataset.generate_shapes", shapes.keys(),
+                                 {"root"} | _parameters(make_shapes, skip=("root",)))
+    for evaluator in ("val_evaluator", "test_evaluator"):
+        metric = cfg.get(evaluator)
+        if metric is not None and metric.get("type") == "CocoMetric":
+            check_known_keys(evaluator, metric.keys(), {"type"} | _parameters(CocoMetric.__init__))

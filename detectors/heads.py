@@ -19,6 +19,7 @@ ground-truth boxes themselves. Every head normalises the summed loss as torchvis
 
 from __future__ import annotations
 
+import difflib
 import math
 
 import torch
@@ -37,6 +38,8 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_p
 from torchvision.ops import boxes as box_ops
 
 import boxloss
+
+from .errors import OptionError
 
 __all__ = [
     "BOX_LOSSES",
@@ -63,22 +66,24 @@ SMOOTH_L1_BETA = 1.0 / 9.0
 
 
 def check_choice(name: str, value, valid: tuple) -> None:
-    """Raise a ValueError naming the argument, the bad value and the valid names."""
+    """Raise an :class:`OptionError` naming the argument, the bad value, the closest and the valid names."""
     if not isinstance(value, str) or value not in valid:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, valid))}; got {value!r}")
+        close = difflib.get_close_matches(value, valid, n=1) if isinstance(value, str) else []
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise OptionError(f"{name} must be one of {', '.join(map(repr, valid))}; got {value!r}{hint}")
 
 
 def check_weight(name: str, value) -> float:
     """A loss weight as a float: a finite number >= 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        raise OptionError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
 
 def check_nms_beta(value) -> float:
     """DIoU-NMS exponent beta as a float: a finite number > 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"nms_beta must be a finite number > 0, got {value!r}")
+        raise OptionError(f"nms_beta must be a finite number > 0, got {value!r}")
     return float(value)
 
 
@@ -132,9 +137,8 @@ def default_box_loss_weight(head: str, box_loss: str) -> float:
         return 1.0
     elif box_loss in ("iou", "giou", "diou"):
         return 10.0 if head == "roi" else 2.0
-    elif box_loss == "ciou":
-        return 12.0 if head == "roi" else 2.0
-    raise ValueError(f"box_loss must be one of {', '.join(map(repr, BOX_LOSSES))}; got {box_loss!r}")
+    check_choice("box_loss", box_loss, BOX_LOSSES)
+    return 12.0 if head == "roi" else 2.0  # ciou
 
 
 def box_regression_loss(
@@ -172,9 +176,8 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     """
     if nms == "iou":
         return box_ops.batched_nms(boxes, scores, idxs, iou_threshold)
-    elif nms == "diou":
-        return boxloss.batched_diou_nms(boxes, scores, idxs, iou_threshold, beta=beta)
-    raise ValueError(f"nms must be one of {', '.join(map(repr, NMS_NAMES))}; got {nms!r}")
+    check_choice("nms", nms, NMS_NAMES)
+    return boxloss.batched_diou_nms(boxes, scores, idxs, iou_threshold, beta=beta)
 
 
 # --------------------------------------------------------------------------- RetinaNet
@@ -293,8 +296,9 @@ class BoxLossRetinaNet(RetinaNet):
     def postprocess_detections(self, head_outputs, anchors, image_shapes):
         """torchvision's RetinaNet post-processing with the NMS chosen by ``self.nms``.
 
-        Per level: sigmoid scores above ``score_thresh``, the ``topk_candidates`` best, decoded and
-        clipped; then per-class NMS over all levels and the ``detections_per_img`` best.
+        Per level: sigmoid scores of the foreground labels (1..K-1) above ``score_thresh``, the
+        ``topk_candidates`` best, decoded and clipped; then per-class NMS over all levels and the
+        ``detections_per_img`` best. Unlike torchvision, label 0 (background) is never emitted.
         """
         detections = []
         for index, image_shape in enumerate(image_shapes):
@@ -302,9 +306,12 @@ class BoxLossRetinaNet(RetinaNet):
             for deltas, logits, level_anchors in zip(
                 head_outputs["bbox_regression"], head_outputs["cls_logits"], anchors[index]
             ):
-                deltas, logits = deltas[index], logits[index]  # [HWA, 4], [HWA, K]
-                num_classes = logits.shape[-1]
-                scores = torch.sigmoid(logits).flatten()
+                # [HWA, 4], [HWA, K]; column 0 is the background label (labels are 1..K-1, as
+                # torchvision's COCO models), never a detection, whatever score_thresh is
+                deltas = deltas[index]
+                scores = torch.sigmoid(logits[index])[:, 1:]  # sigmoid first: the same floats as torchvision
+                num_classes = scores.shape[-1]
+                scores = scores.flatten()
                 candidates = torch.where(scores > self.score_thresh)[0]
                 num_topk = det_utils._topk_min(candidates, self.topk_candidates, 0)
                 scores, order = scores[candidates].topk(num_topk)
@@ -313,7 +320,7 @@ class BoxLossRetinaNet(RetinaNet):
                 boxes = self.box_coder.decode_single(deltas[anchor_idxs], level_anchors[anchor_idxs])
                 image_boxes.append(box_ops.clip_boxes_to_image(boxes, image_shape))
                 image_scores.append(scores)
-                image_labels.append(candidates % num_classes)
+                image_labels.append(candidates % num_classes + 1)
             boxes, scores, labels = torch.cat(image_boxes), torch.cat(image_scores), torch.cat(image_labels)
             keep = batched_nms(boxes, scores, labels, self.nms_thresh, self.nms, self.nms_beta)
             keep = keep[: self.detections_per_img]

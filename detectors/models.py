@@ -10,11 +10,11 @@ The heads live in :mod:`detectors.heads`; this module chooses backbones, anchors
 from __future__ import annotations
 
 import functools
-
+import inspect
 import os
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
+from urllib.error import URLError
 
 import torch
 import torchvision
@@ -24,9 +24,12 @@ from torchvision.models._api import WeightsEnum
 from torchvision.models.detection._utils import overwrite_eps
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+from .checkpoint import load_weights, read_checkpoint, state_dict_of
+from .errors import CheckpointError, OptionError, check_known_keys
 from .heads import (
     BOX_LOSSES,
     NMS_NAMES,
@@ -43,6 +46,28 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large")
 
 # Options build_detector consumes itself; everything else goes to torchvision's model class.
 _RPN_OPTIONS = ("rpn_box_loss", "rpn_box_loss_weight", "rpn_nms")
+_COMMON_OPTIONS = ("arch", "num_classes", "backbone", "box_loss", "box_loss_weight", "nms", "nms_beta", "weights",
+                   "weights_backbone", "allow_partial_weights", "progress", "trainable_backbone_layers",
+                   "norm_layer", "fpn_channels", "returned_layers", "anchor_sizes", "aspect_ratios")
+_OWN_OPTIONS = {
+    "retinanet": _COMMON_OPTIONS + ("head_norm_groups",),
+    "faster_rcnn": _COMMON_OPTIONS + _RPN_OPTIONS,
+}
+
+
+def _constructor_options(*classes) -> tuple:
+    names = []
+    for cls in classes:
+        for name, p in inspect.signature(cls.__init__).parameters.items():
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and name not in ("self", "backbone", "num_classes"):
+                names.append(name)
+    return tuple(names) + ("_skip_resize",)  # GeneralizedRCNNTransform reads it from **kwargs
+
+
+_TORCHVISION_OPTIONS = {
+    "retinanet": _constructor_options(tv_detection.RetinaNet, GeneralizedRCNNTransform),
+    "faster_rcnn": _constructor_options(tv_detection.FasterRCNN, GeneralizedRCNNTransform),
+}
 
 
 def build_detector(
@@ -56,6 +81,7 @@ def build_detector(
     nms_beta: float = 1.0,
     weights=None,
     weights_backbone=None,
+    allow_partial_weights: bool = False,
     **kwargs,
 ) -> nn.Module:
     """A torchvision RetinaNet or Faster R-CNN (FPN) with the box loss and NMS chosen by name.
@@ -106,9 +132,11 @@ def build_detector(
             ``"COCO_V1"``; RetinaNet ResNet-50, Faster R-CNN ResNet-50 and MobileNetV3 only), or
             the path of a local checkpoint readable by ``torch.load(weights_only=True)``: a state
             dict, or a dict with a ``"state_dict"`` or ``"model"`` entry; keys may carry one common
-            prefix (``module.`` from DDP, a wrapper's attribute such as ``detector.``). Tensors
-            whose shape differs (the class layers when ``num_classes`` differs) are skipped with a
-            warning; other mismatches raise.
+            prefix (``module.`` from DDP, a wrapper's attribute such as ``detector.``). Weights that
+            do not fit the model exactly (missing, unexpected or mis-shaped keys) raise
+            :class:`~detectors.errors.CheckpointError`, unless ``allow_partial_weights``.
+        allow_partial_weights: load the tensors of ``weights`` that fit and skip the rest with a
+            warning listing them: fine-tuning with another ``num_classes`` (the class layers differ).
         weights_backbone: ImageNet weights of the backbone: an enum member or name of the
             torchvision classification model (``"IMAGENET1K_V1"``), or a local path of its state
             dict. Ignored (as torchvision) when ``weights`` is given.
@@ -143,8 +171,10 @@ def build_detector(
         A :class:`~detectors.heads.BoxLossRetinaNet` or :class:`~detectors.heads.BoxLossFasterRCNN`.
 
     Raises:
-        ValueError: an unknown ``arch``, ``backbone``, ``box_loss``, ``nms`` (the message lists the
-            valid names), a bad number, weights that do not fit, or a missing weights file.
+        OptionError (a ValueError): an unknown ``arch``, ``backbone``, ``box_loss``, ``nms`` or
+            keyword (the message names it and the closest valid one), or a bad number.
+        CheckpointError (a ValueError): weights that cannot be read, cannot be downloaded, or do
+            not fit the model.
 
     References:
         Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017, arXiv:1708.02002.
@@ -157,15 +187,15 @@ def build_detector(
     check_choice("nms", nms, NMS_NAMES)
     min_classes = 2 if arch == "faster_rcnn" else 1
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < min_classes:
-        raise ValueError(f"num_classes must be an integer >= {min_classes} for {arch}, got {num_classes!r}")
+        raise OptionError(f"num_classes must be an integer >= {min_classes} for {arch}, got {num_classes!r}")
     if arch == "retinanet":
         for key in _RPN_OPTIONS + ("head",):
             if key in kwargs:
-                raise ValueError(f"{key} cannot be passed with arch='retinanet'"
+                raise OptionError(f"{key} cannot be passed with arch='retinanet'"
                                  + (": build_detector builds the head" if key == "head" else ""))
     anchor_key = "anchor_generator" if arch == "retinanet" else "rpn_anchor_generator"
     if anchor_key in kwargs and "anchor_sizes" in kwargs:
-        raise ValueError(f"give anchor_sizes or {anchor_key}, not both")
+        raise OptionError(f"give anchor_sizes or {anchor_key}, not both")
     progress = kwargs.pop("progress", True)
     trainable_layers = kwargs.pop("trainable_backbone_layers", None)
     norm_layer = kwargs.pop("norm_layer", None)
@@ -173,24 +203,27 @@ def build_detector(
     returned_layers = kwargs.pop("returned_layers", None)
     if returned_layers is not None:
         if backbone == "mobilenet_v3_large":
-            raise ValueError("returned_layers is a ResNet option, got it with backbone='mobilenet_v3_large'")
+            raise OptionError("returned_layers is a ResNet option, got it with backbone='mobilenet_v3_large'")
         rl = list(returned_layers) if isinstance(returned_layers, (list, tuple)) else None
         if (not rl or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 4 for k in rl)
                 or rl != sorted(set(rl)) or (arch == "retinanet" and len(rl) < 1)):
-            raise ValueError(f"returned_layers must be increasing ResNet stages from 1-4, e.g. [2, 3], "
+            raise OptionError(f"returned_layers must be increasing ResNet stages from 1-4, e.g. [2, 3], "
                              f"got {returned_layers!r}")
         returned_layers = rl
     head_norm_groups = kwargs.pop("head_norm_groups", None)
     if arch != "retinanet" and head_norm_groups is not None:
-        raise ValueError(f"head_norm_groups is a RetinaNet option, got it with arch={arch!r}")
+        raise OptionError(f"head_norm_groups is a RetinaNet option, got it with arch={arch!r}")
     if head_norm_groups is not None and (
         isinstance(head_norm_groups, bool) or not isinstance(head_norm_groups, int) or head_norm_groups < 1
         or fpn_channels % head_norm_groups
     ):
-        raise ValueError(f"head_norm_groups must be a positive divisor of fpn_channels={fpn_channels}, "
+        raise OptionError(f"head_norm_groups must be a positive divisor of fpn_channels={fpn_channels}, "
                          f"got {head_norm_groups!r}")
     anchor_sizes = kwargs.pop("anchor_sizes", None)
     aspect_ratios = kwargs.pop("aspect_ratios", (0.5, 1.0, 2.0))
+    # torchvision's constructors hand unknown keywords to their transform, which ignores them: a
+    # typo ("score_tresh") would silently keep the default, so every remaining key is checked here.
+    check_known_keys("", kwargs, _TORCHVISION_OPTIONS[arch] + _OWN_OPTIONS[arch])
 
     detector_weights = _resolve_weights("weights", weights, _detector_weight_enums(arch, backbone))
     if detector_weights is not None and weights_backbone is not None:
@@ -219,7 +252,7 @@ def build_detector(
         model = BoxLossRetinaNet(
             fpn, num_classes, anchor_generator=anchor_generator, head=head, nms=nms, nms_beta=nms_beta, **kwargs
         )
-    elif arch == "faster_rcnn":
+    else:
         kwargs.setdefault("rpn_anchor_generator", anchor_generator)
         if backbone == "mobilenet_v3_large":
             kwargs.setdefault("rpn_score_thresh", 0.05)  # as torchvision's fasterrcnn_mobilenet_v3_large_fpn
@@ -227,16 +260,17 @@ def build_detector(
             fpn, num_classes, box_loss=box_loss, box_loss_weight=box_loss_weight, nms=nms, nms_beta=nms_beta,
             **kwargs,
         )
-    else:
-        raise ValueError(f"arch must be one of {', '.join(map(repr, ARCHS))}; got {arch!r}")
 
     if isinstance(detector_weights, WeightsEnum):
-        _load_state_dict(model, detector_weights.get_state_dict(progress=progress, check_hash=True), str(detector_weights))
+        state_dict = _download(lambda: detector_weights.get_state_dict(progress=progress, check_hash=True),
+                               detector_weights)
+        load_weights(model, state_dict, str(detector_weights), allow_partial=allow_partial_weights)
         if detector_weights in (tv_detection.RetinaNet_ResNet50_FPN_Weights.COCO_V1,
                                 tv_detection.FasterRCNN_ResNet50_FPN_Weights.COCO_V1):
             overwrite_eps(model, 0.0)  # these were trained with FrozenBatchNorm2d eps = 0 (as torchvision)
     elif detector_weights is not None:
-        _load_state_dict(model, _read_state_dict(detector_weights), str(detector_weights))
+        load_weights(model, _read_state_dict(detector_weights), str(detector_weights),
+                     allow_partial=allow_partial_weights)
     return model
 
 
@@ -247,17 +281,17 @@ def _backbone_body(backbone: str, weights, norm_layer, progress: bool) -> nn.Mod
     """The classification network, with ImageNet weights from an enum or a local state dict."""
     enum = weights if isinstance(weights, WeightsEnum) else None
     if backbone in ("resnet18", "resnet34", "resnet50"):
-        body = getattr(torchvision.models, backbone)(weights=enum, progress=progress, norm_layer=norm_layer)
-    elif backbone == "mobilenet_v3_large":
-        body = torchvision.models.mobilenet_v3_large(weights=enum, progress=progress, norm_layer=norm_layer)
+        body = _download(lambda: getattr(torchvision.models, backbone)(weights=enum, progress=progress,
+                                                                       norm_layer=norm_layer), enum)
     else:
-        raise ValueError(f"backbone must be one of {', '.join(map(repr, BACKBONES))}; got {backbone!r}")
+        body = _download(lambda: torchvision.models.mobilenet_v3_large(weights=enum, progress=progress,
+                                                                       norm_layer=norm_layer), enum)
     if isinstance(weights, Path):
         state_dict = _read_state_dict(weights)
         try:
             body.load_state_dict(state_dict)
         except RuntimeError as e:
-            raise ValueError(f"weights_backbone {str(weights)!r} does not fit {backbone}: {e}") from e
+            raise CheckpointError(f"weights_backbone {str(weights)!r} does not fit {backbone}: {e}") from e
     return body
 
 
@@ -268,11 +302,11 @@ def _with_fpn(arch: str, backbone: str, body: nn.Module, trainable_layers, is_tr
     if trainable_layers is None:
         trainable_layers = 3 if is_trained else max_layers
     if isinstance(trainable_layers, bool) or not isinstance(trainable_layers, int) or not 0 <= trainable_layers <= max_layers:
-        raise ValueError(
+        raise OptionError(
             f"trainable_backbone_layers must be an integer in [0, {max_layers}] for {backbone}, got {trainable_layers!r}"
         )
     if isinstance(fpn_channels, bool) or not isinstance(fpn_channels, int) or fpn_channels < 1:
-        raise ValueError(f"fpn_channels must be a positive integer, got {fpn_channels!r}")
+        raise OptionError(f"fpn_channels must be a positive integer, got {fpn_channels!r}")
     if arch == "retinanet":
         # P3-P5 from the backbone, P6 and P7 from P5 (torchvision's retinanet_resnet50_fpn)
         extra_blocks = LastLevelP6P7(fpn_channels, fpn_channels)
@@ -328,14 +362,14 @@ def _anchor_generator(arch: str, backbone: str, anchor_sizes, aspect_ratios, num
         try:
             anchor_sizes = tuple((s,) if isinstance(s, (int, float)) else tuple(s) for s in anchor_sizes)
         except TypeError:
-            raise ValueError(f"anchor_sizes must be a sequence with one entry per feature level, got {anchor_sizes!r}") from None
+            raise OptionError(f"anchor_sizes must be a sequence with one entry per feature level, got {anchor_sizes!r}") from None
         if len(anchor_sizes) != num_levels:
-            raise ValueError(
+            raise OptionError(
                 f"anchor_sizes must have one entry per feature level ({num_levels} for {arch} with {backbone}), "
                 f"got {len(anchor_sizes)}: {anchor_sizes!r}"
             )
         if len({len(s) for s in anchor_sizes}) != 1:  # the heads predict one fixed anchor count per location
-            raise ValueError(f"anchor_sizes must give every level the same number of sizes, got {anchor_sizes!r}")
+            raise OptionError(f"anchor_sizes must give every level the same number of sizes, got {anchor_sizes!r}")
     return AnchorGenerator(anchor_sizes, (tuple(aspect_ratios),) * len(anchor_sizes))
 
 
@@ -361,9 +395,7 @@ def _backbone_weight_enum(backbone: str) -> type:
         return torchvision.models.ResNet34_Weights
     elif backbone == "resnet50":
         return torchvision.models.ResNet50_Weights
-    elif backbone == "mobilenet_v3_large":
-        return torchvision.models.MobileNet_V3_Large_Weights
-    raise ValueError(f"backbone must be one of {', '.join(map(repr, BACKBONES))}; got {backbone!r}")
+    return torchvision.models.MobileNet_V3_Large_Weights
 
 
 def _resolve_weights(name: str, value, enums: tuple):
@@ -373,7 +405,7 @@ def _resolve_weights(name: str, value, enums: tuple):
     valid = ", ".join(f"{e.__name__}.{m}" for e in enums for m in e.__members__) or "none for this arch and backbone"
     if isinstance(value, WeightsEnum):
         if not isinstance(value, enums):
-            raise ValueError(f"{name}={value} does not fit this architecture; valid enums: {valid}, or a local path")
+            raise OptionError(f"{name}={value} does not fit this architecture; valid enums: {valid}, or a local path")
         return value
     if isinstance(value, (str, os.PathLike)):
         path = Path(value).expanduser()
@@ -385,47 +417,24 @@ def _resolve_weights(name: str, value, enums: tuple):
                     return enum.verify(value)
                 except KeyError:
                     pass
-        raise ValueError(f"{name}={value!r} is neither an existing file nor a weights name; valid names: {valid}")
+        raise OptionError(f"{name}={value!r} is neither an existing file nor a weights name; valid names: {valid}")
     raise TypeError(f"{name} must be None, a torchvision weights enum, a name or a path, got {type(value).__name__}")
 
 
 def _read_state_dict(path: Path) -> dict:
-    """A state dict from a local checkpoint: plain, or under ``"state_dict"`` (mmengine) / ``"model"``."""
+    """A state dict from a local weights file, read with ``weights_only=True`` (never runs pickled code)."""
+    return state_dict_of(read_checkpoint(path, trusted=False), str(path))
+
+
+def _download(build, weights):
+    """Run ``build`` (which may download ``weights``); offline, say where the file must go instead."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # never runs pickled code
-    except Exception as e:  # torch raises several types: UnpicklingError, KeyError, RuntimeError, ...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
-            f"cannot read {str(path)!r} with torch.load(weights_only=True): {reason}. A full training checkpoint "
-            f"holding more than tensors is refused for safety; if you trust it, save its weights alone: "
-            f"torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pth')"
+        return build()
+    except (URLError, OSError) as e:
+        if weights is None or isinstance(e, FileNotFoundError):
+            raise
+        raise CheckpointError(
+            f"cannot download the torchvision weights {weights} ({type(e).__name__}: {e}); offline, put the file "
+            f"{os.path.basename(weights.url)} in torch's hub cache {os.path.join(torch.hub.get_dir(), 'checkpoints')} "
+            f"(TORCH_HOME moves it), or pass the path of a local state dict instead of the name"
         ) from e
-    if isinstance(checkpoint, Mapping):
-        for key in ("state_dict", "model"):
-            if isinstance(checkpoint.get(key), Mapping):
-                checkpoint = checkpoint[key]
-                break
-    if not isinstance(checkpoint, Mapping) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise ValueError(f"{str(path)!r} holds no state dict (a mapping of names to tensors)")
-    return dict(checkpoint)
-
-
-def _load_state_dict(model: nn.Module, state_dict: dict, source: str) -> None:
-    """Load, skipping (with a warning) tensors whose shape differs, e.g. the class layers."""
-    own = model.state_dict()
-    if state_dict and not any(k in own for k in state_dict):
-        # a wrapper's checkpoint (DDP "module.", a training wrapper's attribute): strip a common prefix
-        prefix = next(iter(state_dict)).split(".", 1)[0] + "."
-        if all(k.startswith(prefix) for k in state_dict):
-            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
-    skipped = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
-    state_dict = {k: v for k, v in state_dict.items() if k not in skipped}
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in missing if k not in skipped]
-    if missing or unexpected:
-        raise ValueError(
-            f"weights {source} do not fit this model: {len(missing)} missing keys {missing[:4]}, "
-            f"{len(unexpected)} unexpected keys {unexpected[:4]}"
-        )
-    if skipped:
-        warnings.warn(f"weights {source}: not loaded, shape differs from the model (num_classes?): {skipped}")

@@ -7,13 +7,15 @@ folder of PNGs plus ``annotations/instances_{split}.json`` so every COCO tool wo
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .fileio import atomic_json, atomic_write
+from .fileio import atomic_json, current_umask
 
-__all__ = ["SHAPE_CLASSES", "make_shapes", "ensure_shapes"]
+__all__ = ["SHAPE_CLASSES", "make_shapes", "ensure_shapes", "shapes_exist"]
 
 SHAPE_CLASSES = ("rectangle", "ellipse", "triangle", "cross")
 
@@ -85,6 +87,39 @@ def _image(rng: np.random.RandomState, size: int, max_objects: int, min_frac: fl
     return img, objects
 
 
+def _crowded_image(rng: np.random.RandomState, size: int, max_objects: int, min_frac: float, max_frac: float):
+    """Rows of same-class objects side by side, neighbours overlapping with IoU 0.1-0.6 (the case
+    DIoU-NMS is for: a plain NMS at 0.5 merges the most overlapping neighbours). Each object has
+    its own colour and a dark outline, so overlapping instances stay distinguishable by eye."""
+    img = _background(rng, size)
+    draw = ImageDraw.Draw(img)
+    objects = []
+    for _group in range(rng.randint(1, 3)):
+        cls = rng.randint(len(SHAPE_CLASSES))
+        side = rng.uniform(min_frac, max_frac) * size
+        ratio = np.exp(rng.uniform(np.log(1 / 2), np.log(2)))
+        w, h = max(8, int(round(side * np.sqrt(ratio)))), max(8, int(round(side / np.sqrt(ratio))))
+        count = rng.randint(2, max(3, max_objects // 2) + 1)
+        x = rng.randint(0, max(1, size // 4))
+        y = rng.randint(0, size - h + 1)
+        for _ in range(count):
+            if x + w > size or len(objects) >= max_objects:
+                break
+            box = (x, y, x + w, y + h)
+            if all(_iou(box, o[1]) <= 0.6 for o in objects):
+                objects.append((cls, box, _colour(rng)))
+            iou = rng.uniform(0.1, 0.6)  # with the next neighbour, same size: IoU = (w - dx) / (w + dx)
+            x += max(2, int(round(w * (1 - iou) / (1 + iou))))
+            y = int(np.clip(y + rng.randint(-h // 8, h // 8 + 1), 0, size - h))
+    for cls, box, colour in objects:
+        _draw(draw, cls, box, colour)
+        x1, y1, x2, y2 = box
+        draw.rectangle([x1, y1, x2 - 1, y2 - 1], outline=(10, 10, 10))
+    if rng.rand() < 0.3:
+        img = img.filter(ImageFilter.GaussianBlur(0.6))
+    return img, objects
+
+
 def make_shapes(
     root: str,
     *,
@@ -95,54 +130,84 @@ def make_shapes(
     min_frac: float = 0.12,
     max_frac: float = 0.5,
     seed: int = 0,
+    crowded: bool = False,
 ) -> dict[str, str]:
     """Write the shapes dataset under ``root``; returns ``{split: annotation file}``.
 
     Layout: ``root/{train,val}/*.png`` and ``root/annotations/instances_{train,val}.json``.
     Object sides are drawn from ``sqrt(area)`` in [min_frac, max_frac] x image size with aspect
-    ratios 1:3 to 3:1; up to ``max_objects`` per image with pairwise IoU < 0.3. The JSON is written
-    last and atomically, so its presence means the split is complete.
+    ratios 1:3 to 3:1; up to ``max_objects`` per image with pairwise IoU < 0.3. ``crowded=True``
+    draws rows of same-class objects side by side instead, neighbours overlapping with IoU up to
+    0.6 (use ``max_objects`` of about 12 and ``max_frac`` of about 0.3).
+
+    Everything is written into a temporary folder beside ``root`` and moved into place at the end,
+    so a failed or killed run leaves no half-written dataset; the annotation files are moved last.
     """
     for name, value in (("num_train", num_train), ("num_val", num_val), ("image_size", image_size),
                         ("max_objects", max_objects)):
-        if not isinstance(value, int) or value < (0 if name.startswith("num") else 1):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name.startswith("num") else 1):
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32, got {image_size}")
     if not 0 < min_frac <= max_frac < 1:
         raise ValueError(f"need 0 < min_frac <= max_frac < 1, got {min_frac} and {max_frac}")
-    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    out = {}
-    for split, count, split_seed in (("train", num_train, seed), ("val", num_val, seed + 1_000_003)):
-        rng = np.random.RandomState(split_seed)
-        os.makedirs(os.path.join(root, split), exist_ok=True)
-        images, annotations = [], []
-        for i in range(count):
-            img, objects = _image(rng, image_size, max_objects, min_frac, max_frac)
-            file_name = f"{i:06d}.png"
-            atomic_write(os.path.join(root, split, file_name), lambda p, im=img: im.save(p, format="PNG"))
-            images.append({"id": i + 1, "file_name": file_name, "width": image_size, "height": image_size})
-            for cls, (x1, y1, x2, y2), _ in objects:
-                annotations.append({
-                    "id": len(annotations) + 1, "image_id": i + 1, "category_id": cls + 1,
-                    "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0,
-                })
-        dataset = {
-            "info": {"description": "boxloss shapes", "seed": seed, "image_size": image_size},
-            "images": images,
-            "annotations": annotations,
-            "categories": [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(SHAPE_CLASSES)],
-        }
-        ann_file = os.path.join(root, "annotations", f"instances_{split}.json")
+    draw_image = _crowded_image if crowded else _image
+    root = os.path.abspath(root)
+    parent = os.path.dirname(root)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(root)}.partial-")
+    try:
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it 0700
+        os.makedirs(os.path.join(staging, "annotations"))
+        datasets = {}
+        for split, count, split_seed in (("train", num_train, seed), ("val", num_val, seed + 1_000_003)):
+            rng = np.random.RandomState(split_seed)
+            os.makedirs(os.path.join(staging, split))
+            images, annotations = [], []
+            for i in range(count):
+                img, objects = draw_image(rng, image_size, max_objects, min_frac, max_frac)
+                file_name = f"{i:06d}.png"
+                img.save(os.path.join(staging, split, file_name), format="PNG")
+                images.append({"id": i + 1, "file_name": file_name, "width": image_size, "height": image_size})
+                for cls, (x1, y1, x2, y2), _ in objects:
+                    annotations.append({
+                        "id": len(annotations) + 1, "image_id": i + 1, "category_id": cls + 1,
+                        "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0,
+                    })
+            datasets[split] = {
+                "info": {"description": "boxloss shapes" + (" (crowded)" if crowded else ""), "seed": seed,
+                         "image_size": image_size},
+                "images": images,
+                "annotations": annotations,
+                "categories": [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(SHAPE_CLASSES)],
+            }
+        os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+        out = {}
+        for split, dataset in datasets.items():
+            ann_file = os.path.join(root, "annotations", f"instances_{split}.json")
+            if os.path.exists(ann_file):  # the old annotations go first: images and JSON never disagree
+                os.remove(ann_file)
+        for split, dataset in datasets.items():
+            target = os.path.join(root, split)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(staging, split), target)
+        for split, dataset in datasets.items():
+            ann_file = os.path.join(root, "annotations", f"instances_{split}.json")
+            atomic_json(ann_file, dataset)
+            out[split] = ann_file
+        return out
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
-        atomic_json(ann_file, dataset)
-        out[split] = ann_file
-    return out
+
+def shapes_exist(root: str) -> bool:
+    """Whether both annotation files of a generated shapes dataset are under ``root``."""
+    return all(os.path.isfile(os.path.join(root, "annotations", f"instances_{s}.json")) for s in ("train", "val"))
 
 
 def ensure_shapes(root: str, **kwargs) -> dict[str, str]:
     """Generate the shapes dataset under ``root`` unless both annotation files already exist."""
-    files = {s: os.path.join(root, "annotations", f"instances_{s}.json") for s in ("train", "val")}
-    if all(os.path.isfile(f) for f in files.values()):
-        return files
+    if shapes_exist(root):
+        return {s: os.path.join(root, "annotations", f"instances_{s}.json") for s in ("train", "val")}
     return make_shapes(root, **kwargs)

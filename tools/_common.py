@@ -1,29 +1,65 @@
-"""Shared by the tools: repo root on sys.path, config loading with the project's overrides."""
+"""Shared by the tools: repo root on sys.path, config loading with checks, one-line user errors."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+from contextlib import contextmanager
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-BOX_LOSSES = ("default", "l1", "l2", "smooth_l1", "iou", "giou", "diou", "ciou")
+from detectors.errors import OptionError, UserError  # noqa: E402
+from detectors.heads import BOX_LOSSES, NMS_NAMES  # noqa: E402,F401  (the tools' choices)
+
+
+def run_tool(main, *, interrupted: str = "interrupted") -> None:
+    """Run a tool's ``main()``: a :class:`UserError` is one line on stderr and exit status 2 (no
+    traceback); Ctrl-C prints ``interrupted`` (say how to continue) and exits with 130; anything
+    else is a bug and keeps its traceback."""
+    try:
+        main()
+    except UserError as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\n{interrupted}", file=sys.stderr)
+        sys.exit(130)
+
+
+@contextmanager
+def removed_on_failure(folder: str, *, keep_if=lambda folder: False):
+    """Remove ``folder`` if the block fails and the folder did not exist before it (and
+    ``keep_if(folder)`` is false): a failed tool leaves no half-written output behind."""
+    existed = os.path.exists(folder)
+    try:
+        yield
+    except BaseException:
+        if not existed and os.path.isdir(folder) and not keep_if(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def load_config(path: str, *, box_loss=None, nms=None, data_root=None, work_dir=None, cfg_options=None):
-    """Read an mmengine config and apply the command-line overrides; errors name the bad value."""
+    """Read an mmengine config, apply the command-line overrides and check its keys.
+
+    Raises :class:`OptionError` naming the file, key or value at fault.
+    """
     from mmengine.config import Config
 
+    from detectors.engine import check_config
+
     if not os.path.isfile(path):
-        raise SystemExit(f"error: config file {path!r} does not exist")
-    cfg = Config.fromfile(path)
+        raise OptionError(f"config file {path!r} does not exist")
+    try:
+        cfg = Config.fromfile(path)
+    except Exception as e:  # mmengine re-raises syntax and lookup errors of the config as various types
+        raise OptionError(f"cannot read config {path!r}: {type(e).__name__}: {e}") from e
     if "model" not in cfg:
-        raise SystemExit(f"error: config {path!r} has no 'model' key")
+        raise OptionError(f"config {path!r} has no 'model' key")
     if box_loss is not None:
-        if box_loss not in BOX_LOSSES:
-            raise SystemExit(f"error: --box-loss must be one of {', '.join(BOX_LOSSES)}, got {box_loss!r}")
         cfg.model.box_loss = box_loss
     if nms is not None:
         cfg.model.nms = nms
@@ -37,6 +73,7 @@ def load_config(path: str, *, box_loss=None, nms=None, data_root=None, work_dir=
                 cfg[key].data_root = root
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
+    check_config(cfg)
     if work_dir is not None:
         cfg.work_dir = work_dir
     elif cfg.get("work_dir") is None:
@@ -55,6 +92,10 @@ def setup_cpu_distributed(cfg, launcher: str) -> None:
     import torch
     import torch.distributed as dist
 
+    if launcher == "slurm" and "SLURM_PROCID" not in os.environ:
+        raise OptionError("--launcher slurm outside a Slurm job (SLURM_PROCID is not set); start it with srun")
+    if launcher == "pytorch" and "RANK" not in os.environ:
+        raise OptionError("--launcher pytorch outside torchrun (RANK is not set); start it with torchrun")
     if launcher == "none" or torch.cuda.is_available():
         return
     if not dist.is_initialized():

@@ -2,12 +2,14 @@
 
     python tools/eval_coco.py data/shapes/annotations/instances_val.json work_dirs/dets.json
 
-DETS.json is a COCO results list: [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}, ...].
-Prints pycocotools' 12 summary lines and a Markdown row (AP, AP50, AP75, APs, APm, APl).
+DETS.json is a COCO results list: [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}, ...];
+a record with an unknown image or category, a NaN or infinite score or a negative size is an error
+naming the file and the record (pycocotools would score it silently). Prints pycocotools' 12 summary lines and a Markdown row (AP, AP50, AP75, APs, APm, APl).
 """
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -22,6 +24,35 @@ def markdown_row(stats) -> str:
     return "| " + " | ".join("n/a" if v < 0 else f"{100 * v:.1f}" for v in stats[:6]) + " |"
 
 
+def check_detections(dets, dets_file: str, gt) -> None:
+    """Reject a results list pycocotools would score silently wrong: each record needs a known
+    image and category, a finite score and a bbox of 4 finite numbers with non-negative size."""
+    from detectors.errors import DataError
+
+    if not isinstance(dets, list):
+        raise DataError(f"{dets_file} must hold a JSON list of detections, got {type(dets).__name__}")
+    images, cats = set(gt.getImgIds()), set(gt.getCatIds())
+    for i, d in enumerate(dets):
+        where = f"{dets_file}: detection {i}"
+        if not isinstance(d, dict):
+            raise DataError(f"{where} is not an object: {d!r}")
+        missing = {"image_id", "category_id", "bbox", "score"} - set(d)
+        if missing:
+            raise DataError(f"{where} is missing {sorted(missing)}")
+        if d["image_id"] not in images:
+            raise DataError(f"{where} has image_id {d['image_id']!r}, not an image of the ground truth")
+        if d["category_id"] not in cats:
+            raise DataError(f"{where} has category_id {d['category_id']!r}; the ground truth has {sorted(cats)}")
+        score, box = d["score"], d["bbox"]
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            raise DataError(f"{where} has score {score!r}; it must be a finite number")
+        if (not isinstance(box, list) or len(box) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+            raise DataError(f"{where} has bbox {box!r}; it must be [x, y, w, h] of finite numbers")
+        if box[2] < 0 or box[3] < 0:
+            raise DataError(f"{where} has bbox {box!r} with a negative width or height")
+
+
 def evaluate(gt_file: str, dets_file: str):
     """Returns (12 COCO stats, pycocotools' summary text)."""
     import contextlib
@@ -29,24 +60,22 @@ def evaluate(gt_file: str, dets_file: str):
 
     from pycocotools.coco import COCO
 
+    from detectors.data import validate_coco_annotations
     from detectors.engine import coco_summary
+    from detectors.errors import DataError, DataNotFoundError
 
     for name, path in (("GT.json", gt_file), ("DETS.json", dets_file)):
         if not os.path.isfile(path):
-            raise SystemExit(f"error: {name} file {path!r} does not exist")
-    with open(dets_file) as f:
-        dets = json.load(f)
-    if not isinstance(dets, list):
-        raise SystemExit(f"error: {dets_file} must hold a JSON list of detections, got {type(dets).__name__}")
-    for i, d in enumerate(dets):
-        missing = {"image_id", "category_id", "bbox", "score"} - set(d)
-        if missing:
-            raise SystemExit(f"error: {dets_file}: detection {i} is missing {sorted(missing)}")
+            raise DataNotFoundError(f"{name} file {path!r} does not exist")
+    validate_coco_annotations(gt_file)
+    try:
+        with open(dets_file) as f:
+            dets = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{dets_file}: not valid JSON ({e})") from None
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(gt_file)
-    unknown = {d["image_id"] for d in dets} - set(gt.getImgIds())
-    if unknown:
-        raise SystemExit(f"error: {dets_file} has image ids not in {gt_file}: {sorted(unknown)[:10]}")
+    check_detections(dets, dets_file, gt)
     return coco_summary(gt, dets)
 
 
@@ -64,4 +93,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    _common.run_tool(main)

@@ -3,7 +3,9 @@
     python tools/test.py configs/retinanet_r18_shapes.py work_dirs/retinanet_r18_shapes/epoch_12.pth
     python tools/test.py CONFIG CKPT --out dets.json --nms diou     # also write the detections
 
-Prints pycocotools' summary and a Markdown row of AP figures.
+Prints pycocotools' summary and a Markdown row of AP figures. The checkpoint's weights must fit
+the config's model exactly (a checkpoint of another architecture or class count is an error);
+`--cfg-options allow_partial_load=True` loads what fits, on purpose.
 """
 
 import argparse
@@ -11,7 +13,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import load_config, setup_cpu_distributed  # noqa: E402
+from _common import NMS_NAMES, load_config, removed_on_failure, run_tool, setup_cpu_distributed  # noqa: E402
+
+from detectors.errors import CheckpointError  # noqa: E402
 
 
 def main(argv=None):
@@ -21,14 +25,14 @@ def main(argv=None):
     p.add_argument("config", help="mmengine config file")
     p.add_argument("checkpoint", help="checkpoint file (.pth)")
     p.add_argument("--out", help="write the detections as a COCO results JSON")
-    p.add_argument("--nms", choices=("iou", "diou"), help="post-processing NMS (default: the config's)")
+    p.add_argument("--nms", choices=NMS_NAMES, help="post-processing NMS (default: the config's)")
     p.add_argument("--work-dir", help="where logs go (default: a test/ folder next to the checkpoint)")
     p.add_argument("--data-root", help="dataset root (sets every dataloader and evaluator)")
     p.add_argument("--cfg-options", nargs="+", action=DictAction, help="override config keys: k=v")
     p.add_argument("--launcher", choices=("none", "pytorch", "slurm"), default="none", help="job launcher")
     args = p.parse_args(argv)
     if not os.path.isfile(args.checkpoint):
-        raise SystemExit(f"error: checkpoint {args.checkpoint!r} does not exist")
+        raise CheckpointError(f"checkpoint file not found: {args.checkpoint!r}")
     work_dir = args.work_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "test")
     cfg = load_config(args.config, nms=args.nms, data_root=args.data_root, work_dir=work_dir,
                       cfg_options=args.cfg_options)
@@ -39,12 +43,13 @@ def main(argv=None):
         cfg.test_evaluator.out_file = args.out
     setup_cpu_distributed(cfg, args.launcher)
 
-    from mmengine.runner import Runner
+    from detectors.runner import BoxLossRunner
 
     from eval_coco import MARKDOWN_HEADER, markdown_row
 
-    runner = Runner.from_cfg(cfg)
-    metrics = runner.test()
+    with removed_on_failure(work_dir):
+        runner = BoxLossRunner.from_cfg(cfg)
+        metrics = runner.test()
     if runner.rank == 0:
         keys = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")
         stats = [metrics[f"coco/bbox_{k}"] for k in keys]
@@ -56,4 +61,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main, interrupted="interrupted; nothing was written")

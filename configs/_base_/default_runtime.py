@@ -5,7 +5,8 @@ default_hooks = dict(
     timer=dict(type="IterTimerHook"),
     logger=dict(type="LoggerHook", interval=50),  # one progress line every 50 iterations
     param_scheduler=dict(type="ParamSchedulerHook"),
-    checkpoint=dict(type="CheckpointHook", interval=1, max_keep_ckpts=3, save_last=True),
+    # mmengine's CheckpointHook with last_checkpoint written atomically (detectors/runner.py)
+    checkpoint=dict(type="BoxLossCheckpointHook", interval=1, max_keep_ckpts=3, save_last=True),
     sampler_seed=dict(type="DistSamplerSeedHook"),
 )
 env_cfg = dict(

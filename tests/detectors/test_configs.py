@@ -41,5 +41,9 @@ def test_missing_coco_data_names_the_file(tmp_path):
            "--cfg-options", "model.weights_backbone=None", "model.backbone=resnet18",
            "train_dataloader.num_workers=0", "train_dataloader.persistent_workers=False"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert out.returncode != 0
-    assert f"annotation file not found: '{tmp_path / 'coco' / 'annotations' / 'instances_train2017.json'}'" in out.stderr
+    assert out.returncode == 2
+    # one line, no traceback, and the work dir it created is gone (nothing half-written)
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    missing = tmp_path / "coco" / "annotations" / "instances_train2017.json"
+    assert out.stderr.startswith(f"error: annotation file not found: '{missing}'")
+    assert not (tmp_path / "w").exists()

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import random
+import subprocess
 import sys
 
 import numpy as np
@@ -14,9 +15,11 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from detectors.engine import CocoMetric
+from detectors.errors import DataError, DataNotFoundError
 from detectors.shapes import make_shapes
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+TOOLS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tools")
+sys.path.insert(0, TOOLS)
 import eval_coco  # noqa: E402
 
 
@@ -94,15 +97,60 @@ def test_hand_built_ap(tmp_path):
     assert stats[1] == pytest.approx((51 + 50 * 2 / 3) / 101)
 
 
+def _write(tmp_path, name, obj):
+    path = tmp_path / name
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    return str(path)
+
+
 def test_eval_coco_errors(gt_file, tmp_path):
-    with pytest.raises(SystemExit, match="DETS.json file .*nope.json' does not exist"):
+    with pytest.raises(DataNotFoundError, match="DETS.json file .*nope.json' does not exist"):
         eval_coco.evaluate(gt_file, str(tmp_path / "nope.json"))
-    (tmp_path / "d.json").write_text(json.dumps([{"image_id": 1, "bbox": [0, 0, 1, 1], "score": 1}]))
-    with pytest.raises(SystemExit, match=r"detection 0 is missing \['category_id'\]"):
-        eval_coco.evaluate(gt_file, str(tmp_path / "d.json"))
-    (tmp_path / "e.json").write_text(json.dumps([]))
-    stats, text = eval_coco.evaluate(gt_file, str(tmp_path / "e.json"))  # loadRes([]) would raise
-    assert (stats == 0).all() and "no detections" in text
+    with pytest.raises(DataError, match=r"d.json: detection 0 is missing \['category_id'\]"):
+        eval_coco.evaluate(gt_file, _write(tmp_path, "d.json", [{"image_id": 1, "bbox": [0, 0, 1, 1], "score": 1}]))
+    with pytest.raises(DataError, match=r"bad.json: not valid JSON"):
+        eval_coco.evaluate(gt_file, _write(tmp_path, "bad.json", "[{"))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("score", float("nan"), "has score nan; it must be a finite number"),
+    ("score", float("inf"), "has score inf; it must be a finite number"),
+    ("category_id", 99, "has category_id 99; the ground truth has \\[1, 2, 3, 4\\]"),
+    ("image_id", 12345, "has image_id 12345, not an image of the ground truth"),
+    ("bbox", [10, 10, -3, 5], "with a negative width or height"),
+    ("bbox", [10, 10, 5, float("nan")], "must be \\[x, y, w, h\\] of finite numbers"),
+    ("bbox", [10, 10, 5], "must be \\[x, y, w, h\\] of finite numbers"),
+])
+def test_eval_coco_rejects_records_pycocotools_would_score(gt_file, tmp_path, field, value, message):
+    """A NaN score gave AP 100 and an unknown category was ignored, exit 0; each record is an error now,
+    naming the file and the record's index."""
+    dets = noisy_detections(gt_file)[:5]
+    dets[3][field] = value
+    path = tmp_path / "dets.json"
+    path.write_text(json.dumps(dets))  # json writes NaN / Infinity, as numpy-based exporters do
+    with pytest.raises(DataError, match=f"dets.json: detection 3 .*{message}"):
+        eval_coco.evaluate(gt_file, str(path))
+
+
+def test_eval_coco_cli_error_is_one_line(gt_file, tmp_path):
+    path = _write(tmp_path, "dets.json", [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": float("nan")}])
+    out = subprocess.run([sys.executable, os.path.join(TOOLS, "eval_coco.py"), gt_file, path],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == f"error: {path}: detection 0 has score nan; it must be a finite number\n"
+
+
+def test_no_detections_score_zero_and_empty_areas_na(tmp_path):
+    """No detections: 0 where there is ground truth, pycocotools' -1 (printed n/a) where there is none
+    (here no large object); before, every stat was 0.0."""
+    gt = {"images": [{"id": 1, "file_name": "a.png", "width": 100, "height": 100}],
+          "categories": [{"id": 1, "name": "box"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "area": 1600, "iscrowd": 0},
+                          {"id": 2, "image_id": 1, "category_id": 1, "bbox": [50, 50, 5, 5], "area": 25, "iscrowd": 0}]}
+    stats, _ = eval_coco.evaluate(_write(tmp_path, "gt.json", gt), _write(tmp_path, "e.json", []))
+    # AP, AP50, AP75, APs, APm: 0; APl: no large ground truth; ARs likewise
+    np.testing.assert_array_equal(stats, [0, 0, 0, 0, 0, -1, 0, 0, 0, 0, 0, -1])
+    assert eval_coco.markdown_row(stats) == "| 0.0 | 0.0 | 0.0 | 0.0 | 0.0 | n/a |"
 
 
 def _metric_samples(dets, with_empty_image=None):
@@ -145,5 +193,5 @@ def test_coco_metric_without_detections(gt_file):
     metric = CocoMetric(ann_file=gt_file)
     metric.process({}, _metric_samples([], with_empty_image=1))
     assert metric.evaluate(size=1)["coco/bbox_mAP"] == 0.0
-    with pytest.raises(FileNotFoundError, match="val_evaluator.ann_file .*nope.json"):
+    with pytest.raises(FileNotFoundError, match="evaluator ann_file 'nope.json' does not exist"):
         CocoMetric(ann_file="nope.json")

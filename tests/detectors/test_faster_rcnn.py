@@ -25,6 +25,7 @@ from torchvision.models.detection import roi_heads as tv_roi_heads
 from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _resnet_fpn_extractor
 
 from detectors import build_detector
+from detectors.errors import CheckpointError
 from detectors.heads import BOX_LOSSES, BoxLossFasterRCNN, default_box_loss_weight
 from detectors.models import _resolve_weights
 
@@ -254,8 +255,13 @@ def test_local_checkpoint_with_other_num_classes_skips_the_class_layers(tmp_path
     torch.manual_seed(0)
     state = build_detector("faster_rcnn", num_classes=5, **TINY["faster_rcnn"]).state_dict()
     torch.save(state, tmp_path / "five.pth")
+    # by default weights that do not fit are an error naming the file and the keys ...
+    with pytest.raises(CheckpointError, match=r"five.pth' does not fit this model: 4 keys of another shape "
+                                              r"\[roi_heads.box_predictor.cls_score.weight \[5, 1024\] vs model \[3, 1024\]"):
+        tiny_detector("faster_rcnn", weights=tmp_path / "five.pth")
+    # ... and partial loading is an explicit, loud opt-in
     with pytest.warns(UserWarning, match="box_predictor.cls_score.weight"):
-        model = tiny_detector("faster_rcnn", weights=tmp_path / "five.pth")
+        model = tiny_detector("faster_rcnn", weights=tmp_path / "five.pth", allow_partial_weights=True)
     loaded = model.state_dict()
     assert loaded["roi_heads.box_predictor.cls_score.weight"].shape[0] == NUM_CLASSES
     assert torch.equal(loaded["rpn.head.conv.0.0.weight"], state["rpn.head.conv.0.0.weight"])
@@ -279,7 +285,7 @@ def test_bad_weights_raise(tmp_path):
     with pytest.raises(ValueError, match="does not fit"):
         tiny_detector("faster_rcnn", weights=torchvision.models.detection.RetinaNet_ResNet50_FPN_Weights.COCO_V1)
     torch.save({"a": torch.zeros(1)}, tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="do not fit this model"):
+    with pytest.raises(ValueError, match="does not fit this model"):
         tiny_detector("faster_rcnn", weights=tmp_path / "other.pth")
     torch.save({"state_dict": {}, "meta": {"seed": Ellipsis}}, tmp_path / "pickled.pth")  # not plain data
     with pytest.raises(ValueError, match="weights_only=True.*if you trust it"):

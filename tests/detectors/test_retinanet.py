@@ -28,8 +28,13 @@ from detectors.heads import BOX_LOSSES, BoxLossRetinaNet, default_box_loss_weigh
 def test_default_loss_and_detections_equal_torchvision():
     torch.manual_seed(0)
     ours = tiny_detector("retinanet", score_thresh=0.0)  # score 0: random weights still give detections
+    # torchvision emits the background label 0 at score 0 (ours never does): a background logit of
+    # -1000 (sigmoid exactly 0) keeps it out of both, so the rest must match exactly
+    with torch.no_grad():
+        ours.head.classification_head.cls_logits.bias[0::NUM_CLASSES] = -1000.0
     reference = torchvision_reference("retinanet")
     reference.score_thresh = 0.0
+    ours.detections_per_img = reference.detections_per_img = 200
     reference.load_state_dict(ours.state_dict())
     images, targets = synthetic_batch()
 
@@ -39,7 +44,21 @@ def test_default_loss_and_detections_equal_torchvision():
     assert torch.equal(ours_losses["loss_box_reg"], ref_losses["bbox_regression"])
     detections = assert_same_backward_and_detections(ours, reference, ours_losses, ref_losses, images)
     # detections_per_img: the comparison covers the NMS
-    assert [len(d["boxes"]) for d in detections] == [300] * len(images)
+    assert [len(d["boxes"]) for d in detections] == [200] * len(images)
+
+
+def test_background_is_never_a_detection():
+    """An untrained model at score_thresh=0 scores every label; label 0 (background) must not come out
+    (it crashed the COCO metric with KeyError: 0), while every foreground label can."""
+    torch.manual_seed(0)
+    model = tiny_detector("retinanet", score_thresh=0.0).eval()
+    with torch.no_grad():  # make background the most confident label everywhere
+        model.head.classification_head.cls_logits.bias[0::NUM_CLASSES] = 10.0
+        detections = model(synthetic_batch()[0])
+    labels = torch.cat([d["labels"] for d in detections])
+    assert len(labels) > 0
+    assert labels.min() >= 1 and labels.max() <= NUM_CLASSES - 1
+    assert set(labels.tolist()) == set(range(1, NUM_CLASSES))
 
 
 def test_seeded_build_equals_torchvision_resnet50_builder():

@@ -17,7 +17,7 @@ def tiny_config(tmp_path, data_root, *, epochs=3) -> str:
     """A RetinaNet-R18 shapes config shrunk to seconds per epoch; no random flip, so runs are repeatable."""
     text = f"""
 _base_ = [{os.path.join(ROOT, "configs", "retinanet_r18_shapes.py")!r}]
-shapes = dict(num_train=16, num_val=4, image_size=64, seed=5)
+shapes = dict(root={data_root!r}, num_train=16, num_val=4, image_size=64, seed=5)
 train_dataloader = dict(batch_size=4, dataset=dict(data_root={data_root!r}, generate_shapes=shapes, transforms=[]))
 val_dataloader = dict(batch_size=4, dataset=dict(data_root={data_root!r}, generate_shapes=shapes))
 test_dataloader = val_dataloader
@@ -91,29 +91,76 @@ def test_killed_run_resumes_to_the_same_state(tmp_path):
             torch.testing.assert_close(state_b[index][name], value, rtol=1e-4, atol=1e-6, msg=f"{index}.{name}")
 
 
-def _train_main(args):
+def run_tool_main(tool: str, args, capsys) -> tuple[int, str, str]:
+    """Run a tool's main() in this process as its command line does: (exit status, stdout, stderr)."""
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     try:
-        import train
+        import importlib
+
+        import _common
+        module = importlib.import_module(tool)
     finally:
         sys.path.pop(0)
-    return train.main(args)
+    capsys.readouterr()
+    try:
+        _common.run_tool(lambda: module.main(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+SHAPES_CFG = os.path.join(ROOT, "configs", "retinanet_r18_shapes.py")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{tmp}/nope.py"], "error: config file '{tmp}/nope.py' does not exist"),
+    ([SHAPES_CFG, "--cfg-options", "model.box_los=ciou"],
+     "error: unknown key model.box_los; did you mean 'box_loss'?"),
+    ([SHAPES_CFG, "--cfg-options", "model.score_tresh=0.1"],
+     "error: unknown key model.score_tresh; did you mean 'score_thresh'?"),
+    ([SHAPES_CFG, "--cfg-options", "train_dataloader.dataset.img_dri=x"],
+     "error: unknown key train_dataloader.dataset.img_dri; did you mean 'img_dir'?"),
+    ([SHAPES_CFG, "--cfg-options", "val_evaluator.ann_fle=x"],
+     "error: unknown key val_evaluator.ann_fle; did you mean 'ann_file'?"),
+    ([SHAPES_CFG, "--cfg-options", "train_dataloader.dataset.generate_shapes.num_trian=3"],
+     "error: unknown key train_dataloader.dataset.generate_shapes.num_trian; did you mean 'num_train'?"),
+    ([SHAPES_CFG, "--launcher", "slurm"], "error: --launcher slurm outside a Slurm job"),
+])
+def test_train_user_errors_are_one_line(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args] + ["--work-dir", str(tmp_path / "w")]
+    code, out, err = run_tool_main("train", args, capsys)
+    assert code == 2
+    assert err.startswith(message.replace("{tmp}", str(tmp_path))) and err.count("\n") == 1, err
+    assert not (tmp_path / "w").exists()
 
 
 def test_train_errors(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="config file .*nope.py' does not exist"):
-        _train_main([str(tmp_path / "nope.py")])
     if not torch.cuda.is_available():
-        with pytest.raises(SystemExit, match="--amp needs a CUDA device"):
-            _train_main([os.path.join(ROOT, "configs", "retinanet_r18_shapes.py"), "--amp"])
-    with pytest.raises(SystemExit):
-        _train_main([os.path.join(ROOT, "configs", "retinanet_r18_shapes.py"), "--box-loss", "ciuo"])
-    assert "invalid choice: 'ciuo'" in capsys.readouterr().err
+        code, _, err = run_tool_main("train", [SHAPES_CFG, "--amp"], capsys)
+        assert code == 2 and err.startswith("error: --amp needs a CUDA device")
+    code, _, err = run_tool_main("train", [SHAPES_CFG, "--box-loss", "ciuo"], capsys)
+    assert code == 2 and "invalid choice: 'ciuo'" in err  # argparse's usage line and error
     bad = tmp_path / "bad.py"
-    bad.write_text(f"_base_ = [{os.path.join(ROOT, 'configs', 'retinanet_r18_shapes.py')!r}]\n"
-                   f"model = dict(box_loss='huber')\n")
-    with pytest.raises(ValueError, match="box_loss must be one of .*'huber'"):
-        _train_main([str(bad), "--work-dir", str(tmp_path / "w")])
+    bad.write_text(f"_base_ = [{SHAPES_CFG!r}]\nmodel = dict(box_loss='huber')\n")
+    shapes = tmp_path / "shapes"
+    code, _, err = run_tool_main("train", [str(bad), "--work-dir", str(tmp_path / "w"), "--data-root", str(shapes)],
+                                 capsys)
+    # the model is built first: the bad loss name is reported before any data is looked for
+    assert code == 2 and "box_loss must be one of" in err and "got 'huber' (did you mean" not in err, err
+    assert not (tmp_path / "w").exists()
+
+
+def test_typo_data_root_is_an_error_not_a_new_dataset(tmp_path, capsys):
+    """A --data-root that does not exist used to generate a fresh dataset there and train on it."""
+    typo = tmp_path / "shapez"
+    code, _, err = run_tool_main("train", [SHAPES_CFG, "--data-root", str(typo), "--work-dir", str(tmp_path / "w")],
+                                 capsys)
+    assert code == 2
+    assert err.startswith(f"error: annotation file not found: '{typo}/annotations/instances_train.json'"), err
+    assert not typo.exists() and not (tmp_path / "w").exists()
 
 
 @pytest.mark.cuda

@@ -1,6 +1,7 @@
-# The built-in shapes dataset (COCO format), generated under data_root on first use.
+# The built-in shapes dataset (COCO format), generated under data/shapes/ on first use. Another
+# data_root (--data-root) must already hold the data: tools/make_shapes.py --out DIR makes it.
 data_root = "data/shapes/"
-shapes = dict(num_train=800, num_val=200, image_size=128, seed=0)
+shapes = dict(root=data_root, num_train=800, num_val=200, image_size=128, seed=0)
 train_dataloader = dict(
     batch_size=8,
     num_workers=0,  # 2-core machines: workers would compete with the training process
