@@ -5,7 +5,7 @@ one forward sweep and saves only the gradient, 6 numbers per pair, for backward;
 them by the incoming gradient and writes the ``[N, 4]`` gradients. Values and gradients equal the
 plain-autograd formulation ``boxloss.boxes._iou_family(..., pairwise=False)`` (torchvision's
 losses, with widths/heights clamped at 0 for degenerate boxes), including the tie semantics of
-``torch.max``/``torch.min`` and the subgradients of ``clamp``, to rounding.
+``torch.max``/``torch.min`` and the subgradients of the clamps, to rounding.
 
 Two backends compute the same per-pair formulas, op for op (see :func:`resolve_backend`):
 
@@ -13,8 +13,8 @@ Two backends compute the same per-pair formulas, op for op (see :func:`resolve_b
   no PyTorch headers, about a second to build). Blocks of 256 pairs are transposed into coordinate
   columns on the stack and one branch-free, vectorised loop writes the loss and the six gradient
   numbers of each pair; backward is one more pass. The loops run on ``torch.get_num_threads()``
-  pthreads with the GIL released (ranges of >= 16384 pairs). CIoU's two atans are taken by
-  ``torch.atan`` on the aspect-ratio columns, so they are the very values of the other paths.
+  pthreads with the GIL released (ranges of >= 16384 pairs). CIoU's two angles are taken by
+  ``torch.atan`` on the aspect-ratio columns, so they are the very values of the eager kernel.
   3-4x faster than the eager ops on CPU; see tools/bench_losses.py.
 * **eager**: PyTorch ops only (GPUs, and CPUs where the extension could not be built). How it is
   fast without a compiler, each op writing into a preallocated row:
@@ -34,9 +34,11 @@ Two backends compute the same per-pair formulas, op for op (see :func:`resolve_b
   prediction's weight in the intersection edge is ``0.5 + 0.5 * sign(x1 - x1g)`` (1, 0 or 1/2;
   for x2 the sign of x2g - x2), and ``torch.lerp`` between the intersection and enclosing-box
   gradients selects exactly at weights 0 and 1.
-* **Masks.** The intersection is torchvision's ``where((iw > 0) & (ih > 0), iw * ih, 0)`` and
-  the sizes are ``clamp(min=0)``'d: their subgradients are one comparison per area
-  (``iw * ih > 0``), not per side, except where CIoU's aspect term needs the sides apart.
+* **Masks.** The intersection is torchvision's ``where((iw > 0) & (ih > 0), iw * ih, 0)``: its
+  subgradient is one comparison of the area (``iw * ih > 0``), not one per side. The boxes'
+  sizes are clamped at 0 with the derivative from above at exactly 0 (the reference's
+  ``boxes._size``); every derivative with respect to w carries a factor h and vice versa, so one
+  mask per box, ``min(w, h) >= 0``, is each side's.
 * **Sign bookkeeping.** The kernel differentiates -L (the metric itself for the linear losses),
   which saves a negation per term, and stores rows for q = (-x1, -y1, x2, y2), where one formula
   serves both edges; backward flips the hi rows while it scales by the incoming gradient.
@@ -48,12 +50,19 @@ Two backends compute the same per-pair formulas, op for op (see :func:`resolve_b
 The loss values per kind, with I the intersection, U the union, C the enclosing box, rho the
 distance between the centres and c the diagonal of C (eps guards every division, as in torchvision)::
 
-    iou   1 - I / (U + eps)                          (mode="log": -ln(I / (U + eps) + eps))
+    iou   1 - I / (U + eps)                          (mode="log": -ln(min(I / (U + eps) + eps, 1)))
     giou  1 - IoU + (|C| - U) / (|C| + eps)
     diou  1 - IoU + rho^2 / (c^2 + eps)
-    ciou  diou + alpha * v,  v = 4/pi^2 (atan(w_g / (h_g + eps)) - atan(w / (h + eps)))^2,
+    ciou  diou + alpha * v,  v = 4/pi^2 (atan2(w_g, h_g) - atan2(w, h))^2,
           alpha = v / (1 - IoU + v + eps) without gradient (alpha="gated": 0 where IoU <= 0.5)
 
+The log loss is capped at 0 where IoU + eps reaches 1 (zero gradient there). CIoU's angles are
+``atan2(w, h)`` of the clamped sizes, taken as ``torch.atan(w / h)`` with 0 / 0 read as 0 and
+w / -0 as +inf (the same angle for w, h >= 0: pi/2 at h = 0, 0 for a point): ``torch.atan2``
+rounds differently in its vectorised and scalar loops, so its last bit would depend on a pair's
+position in the chunk, while the ratio is one IEEE division and ``torch.atan`` agrees with itself,
+so both kernels share the angles bit for bit. Their derivatives are (h, -w) / (w^2 + h^2), the
+denominator clamped at the smallest normal number (0 at a point, where the numerators are 0 too).
 ``ciou_grad="paper"`` replaces alpha * dv/d(w, h) by the authors' version without the
 1 / (w^2 + h^2) factor: ``(-h, +w)`` times ``8/pi^2 * alpha * (atan(w_g/h_g) - atan(w/h))`` for the
 prediction and ``(+h_g, -w_g)`` for the target.
@@ -66,7 +75,6 @@ Better Learning for Bounding Box Regression", AAAI 2020, arXiv:1911.08287.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import threading
@@ -74,6 +82,8 @@ from types import SimpleNamespace
 
 import torch
 from torch import Tensor
+
+from .boxes import _check_eps
 
 try:  # the fused C loops, built by `pip install` (setup.py); without a compiler the eager path runs
     from . import _native
@@ -160,19 +170,6 @@ def _parts(*tensors: Tensor) -> list[tuple[Tensor, ...]]:
     return list(zip(*(t.tensor_split(k) for t in tensors)))
 
 
-@functools.cache
-def _clamp_grad_at_zero() -> bool:
-    """Whether autograd passes the gradient of ``x.clamp(min=0)`` at x = 0 (older PyTorch: yes).
-
-    The reference formulation clamps widths and heights with ``clamp(min=0)``; asking autograd once
-    keeps zero-width boxes bit-compatible with it on every supported PyTorch version.
-    """
-    with torch.enable_grad():
-        x = torch.zeros((), requires_grad=True)
-        (g,) = torch.autograd.grad(x.clamp(min=0), x)
-    return bool(g != 0)
-
-
 class _Consts:
     """0-d and small constant tensors of one device, dtype and eps, created once.
 
@@ -199,9 +196,9 @@ class _Consts:
         self.eps, self.zero, self.one, self.half, self.minus_half, self.k4 = (
             full(v) for v in (eps, 0.0, 1.0, 0.5, -0.5, _K4)
         )
+        self.tiny = torch.finfo(dtype).tiny
         # CIoU: d(-alpha v)/d(w, h) = -alpha dv: +2k for the prediction (dv has -2k delta), -2k target
         self.aspect_sign = torch.tensor([[2 * _K4], [-2 * _K4]], device=device, dtype=dtype)  # [2, 1]
-        self.clamp_grad_at_zero = _clamp_grad_at_zero()
 
 
 class _Workspace:
@@ -218,7 +215,6 @@ class _Workspace:
         "D": (2, 2),  # (x1 - x1g, y1 - y1g, x2 - x2g, y2 - y2g), then the tie weights
         "GE": (2,),  # GIoU: d(-L)/d(cw, ch)
         "H": (2,),  # DIoU/CIoU: half centre offsets, then d(-L)/d(centre offset)
-        "SIDE": (2, 2),  # per-side clamp masks of the boxes (CIoU, and older PyTorch)
         "S": (12,),  # per-pair scalars
     }
 
@@ -267,8 +263,11 @@ class _Workspace:
         w.iw_c, w.ih_c = CL[2].unbind(0)
         w.P = R[6:9]
         w.a1, w.a2, w.inter = w.P.unbind(0)
-        w.he, w.at = R[12:14], R[14:16]  # CIoU: [2 boxes, c] each
-        # phase 3 (gradient): masks in place of the sizes, aspect scratch, then the last temporaries
+        w.at = R[14:16]  # CIoU: [2 boxes, c]
+        # phase 3 (gradient): masks in place of the products, gradients in place of the sizes, aspect
+        # scratch, then the last temporaries
+        w.valid = w.P[0:2]  # [2 boxes, c]: min(w, h) >= 0, in place of A1, A2
+        w.valid_wh = w.valid.unsqueeze(1)  # [2, 1, c]: against [2 boxes, w|h, c]
         w.GX, w.GX01, w.GX_w, w.GX_h = SZ[0:3], SZ[0:2], SZ[0:3, 0], SZ[0:3, 1]
         w.GX_w01, w.GX_h01, w.GX_w2, w.GX_h2 = SZ[0:2, 0], SZ[0:2, 1], SZ[2, 0], SZ[2, 1]
         w.aq = R[14:16]  # CIoU, in place of atan(w / h)
@@ -288,11 +287,11 @@ class _Workspace:
         w.sz4, w.sz3 = _parts(w.Qhi, w.Qlo, SZ), _parts(w.Qhi3, w.Qlo3, w.SZ3)
         w.df = _parts(w.Q0f, w.Q1f, w.Df)
         w.clamp = _parts(w.SZ3, CL)
-        w.prod, w.areas = _parts(w.CLw, w.CLh, w.P), _parts(w.P)
+        w.prod = _parts(w.CLw, w.CLh, w.P)
+        w.mins = _parts(SZ[0:2, 0], SZ[0:2, 1], w.valid)
         w.gx = _parts(w.CLh, w.CLw, w.P, w.GX_w, w.GX_h)
         w.sign = _parts(D)
         w.lerp = _parts(w.WI, w.T)
-        w.side = _parts(w.SZ01, b["SIDE"], w.GX01)
         return w
 
 
@@ -402,6 +401,16 @@ def _transpose_into(w: SimpleNamespace, p: Tensor, t: Tensor) -> None:
         second.copy_(src[h:].t())
 
 
+def _angles(w: Tensor, h: Tensor, out: Tensor) -> Tensor:
+    """CIoU's angles atan2(w, h) of clamped sizes (w, h >= 0) into ``out``, as atan(w / h).
+
+    0 / 0 (a point) reads as 0 and w / -0 as +inf (a size of -0.0 survives the clamp): the angle
+    of a point is 0 and of a zero height pi/2. The compiled loops write the same ratios (one IEEE
+    division each) and take the same ``torch.atan``: the angles agree bit for bit (module docstring).
+    """
+    return torch.div(w, h, out=out).nan_to_num_(0.0, math.inf, math.inf).atan_()
+
+
 def _chunk(
     kind: str,
     p: Tensor | None,
@@ -471,10 +480,9 @@ def _chunk(
         torch.sub(iou, dterm, out=metric)
         if kind == "ciou":
             delta, v, alpha = s[8], s[9], s[10]
-            torch.add(w.hb, eps, out=w.he)  # atan'(w/h) * d(w/h)/dh is NaN at h = 0 without the eps
             # two atans, as torchvision: atan((a_t - a_p) / (1 + a_p a_t)) would need one, but its
             # three roundings before the atan cost up to 3x the error where the angles differ by ~1
-            at_p, at_t = torch.div(w.wb, w.he, out=w.at).atan_()
+            at_p, at_t = _angles(w.wb, w.hb, w.at)
             torch.sub(at_t, at_p, out=delta)
             torch.mul(delta, delta, out=v).mul_(k.k4)
             torch.sub(k.one, iou, out=alpha).add_(v).add_(eps)  # (1 - iou) + v + eps
@@ -484,15 +492,17 @@ def _chunk(
             metric.addcmul_(alpha, v, value=-1)
     if log:
         lg = s[11]
-        torch.add(iou, eps, out=lg)
+        # capped at 1: IoU = I / (U + eps) is within eps of 1 for identical boxes, and the loss >= 0
+        torch.add(iou, eps, out=lg).clamp_(max=1)
         torch.log(lg, out=loss).neg_()
     else:
         torch.sub(k.one, metric, out=loss)
     if not want_grad:
         return
 
-    # phase 3: gradient of -L. With iou = I / Ue, kl = d(-L)/diou (1, or 1 / (iou + eps) for log)
-    # and r = kl / Ue: m_u = d(-L)/dU = -iou r (+ 1 / (|C| + eps) for GIoU), and
+    # phase 3: gradient of -L. With iou = I / Ue, kl = d(-L)/diou (1, or 1 / (iou + eps) for log,
+    # 0 where the cap at 1 holds) and r = kl / Ue: m_u = d(-L)/dU = -iou r (+ 1 / (|C| + eps) for
+    # GIoU), and
     # m_i = d(-L)/dI in total (through U too) = r - m_u
     r, m_u, m_i, g_c = s[0], s[5], s[7], s[9]
     if kind == "giou":
@@ -502,7 +512,8 @@ def _chunk(
     else:
         torch.reciprocal(ue, out=r)
         if log:
-            r.div_(lg)  # lg held iou + eps
+            r.div_(lg)  # lg holds min(iou + eps, 1)
+            r.mul_(torch.lt(lg, k.one, out=s[1]))
         torch.addcmul(k.zero, iou, r, value=-1, out=m_u)
     torch.sub(r, m_u, out=m_i)
 
@@ -522,33 +533,28 @@ def _chunk(
     # d(-L)/d(w, h) of pred, target (through their areas, + CIoU's aspect term) and intersection,
     # masked by the subgradients: into GX = [pred | target | inter, w | h, c], in place of the
     # (dead) first three sizes. The intersection is torchvision's where((iw > 0) & (ih > 0), iw ih, 0),
-    # so d/diw = ih [iw h > 0]: one comparison of the area, not of each side (the same unless
-    # iw ih underflows, below 1e-38). With clamp's strict subgradient (current PyTorch) the boxes'
-    # widths and heights follow the same rule.
-    m_area = w.P  # [3, c]: A1 > 0, A2 > 0, inter > 0 (the products are dead)
-    for (pp,) in w.areas:
-        torch.gt(pp, 0, out=pp)
-    side = kind == "ciou" or k.clamp_grad_at_zero
-    if side:
-        # per side for the boxes: CIoU's aspect term depends on w and h apart (d/dw is not zero
-        # where h = 0), and older PyTorch's clamp(min=0) passes the gradient at exactly 0
-        compare = torch.ge if k.clamp_grad_at_zero else torch.gt
-        for sz, out, _ in w.side:
-            compare(sz, 0, out=out)  # [2, w|h, c]
-        if kind != "ciou":
-            m_area[0:2].fill_(1)
+    # so d/diw = ih [iw ih > 0]: one comparison of the area, not of each side (the same unless
+    # iw ih underflows, below 1e-38). A box's sizes are clamped at 0 with gradient at exactly 0
+    # (the derivative from above, which lets a collapsed side grow back): d/dw = (...) [w >= 0],
+    # and as every d/dw has a factor h (area: h, aspect: h / (w^2 + h^2)), 0 where h <= 0, the
+    # mask [w >= 0 and h >= 0] serves both sides.
+    m_area = w.P  # [3, c]: valid pred, valid target, inter > 0 (the products are dead)
+    for w_, h_, out in w.mins:
+        torch.minimum(w_, h_, out=out)
+    w.valid.ge_(0)
+    torch.gt(w.inter, 0, out=m_area[2])
     if kind == "ciou":
         cf = delta.mul_(alpha)
         if paper:
-            torch.mul(cf, k.aspect_sign, out=w.aq)
-            hv = w.hb  # the authors' dv: no eps and no 1 / (w^2 + h^2)
+            torch.mul(cf, k.aspect_sign, out=w.aq)  # the authors' dv: no 1 / (w^2 + h^2)
         else:
-            torch.mul(w.he, w.he, out=w.aq).addcmul_(w.wb, w.wb)
+            # d atan2(w, h)/d(w, h) = (h, -w) / (w^2 + h^2); clamped: 0 / 0 at a point
+            torch.mul(w.hb, w.hb, out=w.aq).addcmul_(w.wb, w.wb).clamp_(min=k.tiny)
             torch.div(cf, w.aq, out=w.aq).mul_(k.aspect_sign)
-            hv = w.he
-        # d(-L)/dw_b = m_u h_b + aq_b hv_b ;  d(-L)/dh_b = (m_u - aq_b) w_b
-        torch.mul(hv, w.aq, out=w.GX_w01).addcmul_(w.hb, m_u)
+        # d(-L)/dw_b = m_u h_b + aq_b h_b ;  d(-L)/dh_b = (m_u - aq_b) w_b
+        torch.mul(w.hb, w.aq, out=w.GX_w01).addcmul_(w.hb, m_u)
         torch.sub(m_u, w.aq, out=w.GX_h01).mul_(w.wb)
+        w.GX01.mul_(w.valid_wh)
         m_area[2].mul_(m_i)
         torch.mul(w.ih_c, m_area[2], out=w.GX_w2)
         torch.mul(w.iw_c, m_area[2], out=w.GX_h2)
@@ -558,9 +564,6 @@ def _chunk(
         for h_, w_, q, out_w, out_h in w.gx:  # d(area)/dw = h, for the three areas at once
             torch.mul(h_, q, out=out_w)
             torch.mul(w_, q, out=out_h)
-    if side:
-        for _, mask, out in w.side:
-            out.mul_(mask)
     GI = w.GX2  # [w|h, c]: d(-L)/d(iw, ih); w.GX0, w.GX1: d(-L)/d(w, h) of pred, target
 
     # q-form coordinate gradients. For q-row (lo|hi, x|y) of the prediction:
@@ -619,14 +622,13 @@ def _forward(
         grad = _empty((grad_rows, n), device, dtype) if grad_rows else None
         if n:
             bits, threads, atans = _DTYPE_BITS[dtype], torch.get_num_threads(), None
-            if kind == "ciou":  # torch.atan of the aspect ratios: the eager kernel's and reference's values
+            if kind == "ciou":  # torch.atan of the aspect ratios: the eager kernel's angles, bit for bit
                 atans = _empty((2, n), device, dtype)
-                _native.aspect(bits, p.data_ptr(), t.data_ptr(), atans.data_ptr(), n, float(eps), threads)
+                _native.aspect(bits, p.data_ptr(), t.data_ptr(), atans.data_ptr(), n, threads)
                 atans.atan_()
             _native.forward(bits, _KIND_ID[kind], p.data_ptr(), t.data_ptr(), loss.data_ptr(),
                             grad.data_ptr() if grad is not None else 0, atans.data_ptr() if atans is not None else 0,
-                            n, float(eps), grad_rows, int(log), int(paper), int(gated), int(_clamp_grad_at_zero()),
-                            threads)
+                            n, float(eps), grad_rows, int(log), int(paper), int(gated), threads)
         return loss, grad
     chunk = chunk or default_chunk(device, dtype)
     # one padded chunk for a short input; else full chunks, the last one overlapping its neighbour
@@ -768,8 +770,9 @@ def iou_family_loss(
     Args:
         pred, target: ``[..., 4]`` xyxy boxes.
         kind: ``"iou"``, ``"giou"``, ``"diou"`` or ``"ciou"``.
-        eps: guards every division (see the module docstring for where it enters).
-        mode: IoU loss only: ``"linear"`` (1 - IoU) or ``"log"`` (-ln(IoU + eps), UnitBox).
+        eps: a finite number > 0 that guards every division (see the module docstring for where
+            it enters).
+        mode: IoU loss only: ``"linear"`` (1 - IoU) or ``"log"`` (-ln(min(IoU + eps, 1)), UnitBox).
         ciou_grad: ``"exact"`` (autograd's and torchvision's gradient) or ``"paper"`` (alpha dv/dw
             without the 1 / (w^2 + h^2) factor, as the authors' implementation).
         alpha: ``"standard"`` or ``"gated"`` (MMDetection: alpha = 0 where IoU <= 0.5).
@@ -799,6 +802,7 @@ def iou_family_loss(
                         f"precision), got {pred.dtype} and {target.dtype}")
     if chunk is not None and not (isinstance(chunk, int) and chunk > 0):
         raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
+    _check_eps(eps)
     native = resolve_backend(backend, pred.device) == "native"
     log = kind == "iou" and mode == "log"
     paper = kind == "ciou" and ciou_grad == "paper"

@@ -8,6 +8,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <float.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -25,10 +26,10 @@
 struct fwd_args {
     const void *pred, *target;
     void *loss, *grad;
-    void *atans; /* CIoU: [2, n] aspect ratios, then (after torch.atan) their atans */
+    void *atans; /* CIoU: [2, n] aspect ratios, then (after torch.atan) their angles */
     int64_t n;
     double eps;
-    int kind, rows, log, paper, gated, clamp_ge;
+    int kind, rows, log, paper, gated;
 };
 
 struct bwd_args {
@@ -41,18 +42,22 @@ struct bwd_args {
 #define REAL float
 #define SUF f32
 #define LOG logf
+#define TINY FLT_MIN
 #include "_native_kernel.h"
 #undef REAL
 #undef SUF
 #undef LOG
+#undef TINY
 
 #define REAL double
 #define SUF f64
 #define LOG log
+#define TINY DBL_MIN
 #include "_native_kernel.h"
 #undef REAL
 #undef SUF
 #undef LOG
+#undef TINY
 
 typedef void (*range_fn)(const void *args, int64_t s, int64_t e);
 
@@ -126,8 +131,8 @@ static PyObject *py_forward(PyObject *self, PyObject *args) {
     long long n;
     int dtype, threads;
     (void)self;
-    if (!PyArg_ParseTuple(args, "iiKKKKKLdiiiiii", &dtype, &a.kind, &p, &t, &l, &g, &at, &n, &a.eps, &a.rows,
-                          &a.log, &a.paper, &a.gated, &a.clamp_ge, &threads))
+    if (!PyArg_ParseTuple(args, "iiKKKKKLdiiiii", &dtype, &a.kind, &p, &t, &l, &g, &at, &n, &a.eps, &a.rows,
+                          &a.log, &a.paper, &a.gated, &threads))
         return NULL;
     if (!check_dtype(dtype))
         return NULL;
@@ -159,7 +164,7 @@ static PyObject *py_aspect(PyObject *self, PyObject *args) {
     int dtype, threads;
     (void)self;
     memset(&a, 0, sizeof a);
-    if (!PyArg_ParseTuple(args, "iKKKLdi", &dtype, &p, &t, &at, &n, &a.eps, &threads))
+    if (!PyArg_ParseTuple(args, "iKKKLi", &dtype, &p, &t, &at, &n, &threads))
         return NULL;
     if (!check_dtype(dtype))
         return NULL;
@@ -203,11 +208,11 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"aspect", py_aspect, METH_VARARGS,
-     "aspect(dtype_bits, pred_ptr, target_ptr, out_ptr, n, eps, threads): CIoU's w / (h + eps) of both boxes "
-     "into out [2, n]"},
+     "aspect(dtype_bits, pred_ptr, target_ptr, out_ptr, n, threads): CIoU's aspect ratios w / h of both boxes "
+     "into out [2, n] (0 / 0 as 0, w / -0 as +inf: their atan is atan2(w, h))"},
     {"forward", py_forward, METH_VARARGS,
      "forward(dtype_bits, kind, pred_ptr, target_ptr, loss_ptr, grad_ptr, atans_ptr, n, eps, rows, log, paper, "
-     "gated, clamp_ge, threads): loss [n] and gradient rows [rows, n] of contiguous [n, 4] boxes (CIoU: atans "
+     "gated, threads): loss [n] and gradient rows [rows, n] of contiguous [n, 4] boxes (CIoU: atans "
      "[2, n] from aspect())"},
     {"backward", py_backward, METH_VARARGS,
      "backward(dtype_bits, grad_ptr, rows, grad_out_ptr, grad_out_stride, grad_pred_ptr, grad_target_ptr, n, "

@@ -1,5 +1,5 @@
 /* The per-pair IoU-family kernels for one floating type; included by _native.c once per type with
- * REAL (float or double), SUF (name suffix) and LOG defined.
+ * REAL (float or double), SUF (name suffix), LOG and TINY (the smallest normal number) defined.
  *
  * Every line mirrors an op of the eager kernel (boxloss/_kernels.py, _chunk and _backward), in the
  * same order, so both follow the same tie and subgradient rules and round alike (see the Python
@@ -24,7 +24,7 @@ static inline REAL FN(relu)(REAL x) { return x < 0 ? (REAL)0 : x; } /* clamp(min
 /* the coordinates of a block of pairs as columns: unit-stride loads for the vectorised loops */
 struct FN(cols) {
     REAL x1[BLOCK], y1[BLOCK], x2[BLOCK], y2[BLOCK], X1[BLOCK], Y1[BLOCK], X2[BLOCK], Y2[BLOCK];
-    const REAL *atp, *atg; /* CIoU: atan(w / (h + eps)) of pred and target */
+    const REAL *atp, *atg; /* CIoU: atan2(w, h) of pred and target */
 };
 
 /* one box's [m, 4] rows from s on as four columns */
@@ -43,17 +43,23 @@ static inline void FN(load_cols)(const REAL *P, const REAL *Q, int64_t s, int m,
     FN(load_box)(Q, s, m, c->X1, c->Y1, c->X2, c->Y2);
 }
 
-/* CIoU's aspect ratios w / (h + eps) of the clamped sizes, pred into R[i], target into R[n + i].
- * Python takes their atan with torch.atan (the values the eager kernel and the reference use, and
- * vectorised), and the forward loop reads them back. */
+/* the aspect ratio w / h of clamped sizes, read so that atan gives atan2(w, h): torch.nan_to_num(
+ * nan=0, posinf=inf, neginf=inf) as the eager kernel, for 0 / 0 (a point: angle 0) and w / -0 */
+static inline REAL FN(ratio)(REAL w, REAL h) {
+    const REAL r = w / h;
+    return r != r ? (REAL)0 : (r == -(REAL)INFINITY ? (REAL)INFINITY : r);
+}
+
+/* CIoU's aspect ratios of the clamped sizes, pred into R[i], target into R[n + i]. Python takes
+ * their atan with torch.atan (the eager kernel's angles bit for bit, and vectorised), and the
+ * forward loop reads them back. */
 static void FN(aspect_range)(const void *args, int64_t s, int64_t e) {
     const struct fwd_args *a = (const struct fwd_args *)args;
     const REAL *restrict P = (const REAL *)a->pred, *restrict Q = (const REAL *)a->target;
     REAL *restrict rp = (REAL *)a->atans, *restrict rg = (REAL *)a->atans + a->n;
-    const REAL eps = (REAL)a->eps;
     for (int64_t i = s; i < e; i++) {
-        rp[i] = FN(relu)(P[4 * i + 2] - P[4 * i]) / (FN(relu)(P[4 * i + 3] - P[4 * i + 1]) + eps);
-        rg[i] = FN(relu)(Q[4 * i + 2] - Q[4 * i]) / (FN(relu)(Q[4 * i + 3] - Q[4 * i + 1]) + eps);
+        rp[i] = FN(ratio)(FN(relu)(P[4 * i + 2] - P[4 * i]), FN(relu)(P[4 * i + 3] - P[4 * i + 1]));
+        rg[i] = FN(ratio)(FN(relu)(Q[4 * i + 2] - Q[4 * i]), FN(relu)(Q[4 * i + 3] - Q[4 * i + 1]));
     }
 }
 
@@ -69,10 +75,8 @@ static inline __attribute__((always_inline)) void FN(forward_block)(
     const REAL eps = (REAL)a->eps, one = 1, half = (REAL)0.5, zero = 0;
     const REAL k4 = (REAL)K4, two_k4 = (REAL)(2 * K4);
     const int logmode = a->log, paper = a->paper;
-    const REAL ungated = a->gated ? zero : one, at_zero = a->clamp_ge ? one : zero;
+    const REAL ungated = a->gated ? zero : one, tiny = TINY;
     const int box = KIND != KIND_IOU, centre = KIND == KIND_DIOU || KIND == KIND_CIOU, ciou = KIND == KIND_CIOU;
-    /* 1 where the boxes' sizes are masked per side: CIoU, and older PyTorch (clamp passes 0) */
-    const REAL side = (ciou || a->clamp_ge) ? one : zero, unmasked = one - side;
 
     for (int i = 0; i < m; i++) {
         const REAL x1 = c->x1[i], y1 = c->y1[i], x2 = c->x2[i], y2 = c->y2[i];
@@ -96,7 +100,7 @@ static inline __attribute__((always_inline)) void FN(forward_block)(
         const REAL ue = uni + eps;
         const REAL iou = inter / ue;
         REAL metric = iou, area_c = 0, ace = 0, c2 = 0, hcx = 0, hcy = 0, dterm = 0;
-        REAL hep = 0, heg = 0, delta = 0, alpha = 0;
+        REAL delta = 0, alpha = 0;
         if (KIND == KIND_GIOU) {
             area_c = cw * ch;
             ace = area_c + eps;
@@ -109,8 +113,6 @@ static inline __attribute__((always_inline)) void FN(forward_block)(
             dterm = (hcx * hcx + hcy * hcy) / c2;
             metric = iou - dterm;
             if (ciou) {
-                hep = hc + eps;
-                heg = hgc + eps;
                 delta = c->atg[i] - c->atp[i];
                 const REAL v = (delta * delta) * k4;
                 alpha = v / (((one - iou) + v) + eps);
@@ -118,7 +120,8 @@ static inline __attribute__((always_inline)) void FN(forward_block)(
                 metric = metric - alpha * v;
             }
         }
-        const REAL lg = iou + eps;
+        const REAL lg0 = iou + eps;
+        const REAL lg = lg0 > one ? one : lg0; /* torch.clamp(max=1), NaN kept: the log loss is >= 0 */
         loss[i] = logmode ? lg : one - metric; /* log mode: -log(lg) after the loop */
         if (ROWS == 0)
             continue;
@@ -131,7 +134,7 @@ static inline __attribute__((always_inline)) void FN(forward_block)(
             m_u = rc - iou * r;
         } else {
             r = one / ue;
-            r = logmode ? r / lg : r;
+            r = logmode ? (r / lg) * (lg < one ? one : zero) : r; /* no gradient where the cap holds */
             m_u = zero - iou * r;
         }
         const REAL m_i = r - m_u;
@@ -148,23 +151,28 @@ static inline __attribute__((always_inline)) void FN(forward_block)(
             grx = hcx * r2;
             gry = hcy * r2;
         }
+        /* subgradients: the intersection's area mask, and one per box for the clamps of its sizes,
+         * which pass the gradient at exactly 0 (min(w, h) >= 0; see the eager kernel) */
         REAL mi = inter > 0 ? one : zero;
+        const REAL vp = ((w >= zero) & (h >= zero)) ? one : zero, vg = ((wg >= zero) & (hg >= zero)) ? one : zero;
         REAL gwp, ghp, gwg, ghg, giw, gih;
         if (ciou) {
             const REAL cf = delta * alpha;
-            const REAL aqp = paper ? cf * two_k4 : cf / (hep * hep + wc * wc) * two_k4;
-            const REAL aqg = paper ? cf * -two_k4 : cf / (heg * heg + wgc * wgc) * -two_k4;
-            const REAL hvp = paper ? hc : hep, hvg = paper ? hgc : heg;
-            gwp = hvp * aqp + hc * m_u;
-            gwg = hvg * aqg + hgc * m_u;
-            ghp = (m_u - aqp) * wc;
-            ghg = (m_u - aqg) * wgc;
+            /* d atan2(w, h)/d(w, h) = (h, -w) / (w^2 + h^2), clamped like torch.clamp(min=tiny) */
+            REAL dp = hc * hc + wc * wc, dg = hgc * hgc + wgc * wgc;
+            dp = dp < tiny ? tiny : dp;
+            dg = dg < tiny ? tiny : dg;
+            const REAL aqp = paper ? cf * two_k4 : cf / dp * two_k4;
+            const REAL aqg = paper ? cf * -two_k4 : cf / dg * -two_k4;
+            gwp = (hc * aqp + hc * m_u) * vp;
+            gwg = (hgc * aqg + hgc * m_u) * vg;
+            ghp = ((m_u - aqp) * wc) * vp;
+            ghg = ((m_u - aqg) * wgc) * vg;
             mi = mi * m_i;
             giw = ihc * mi;
             gih = iwc * mi;
         } else {
-            const REAL ma1 = a1 > 0 ? one : side, ma2 = a2 > 0 ? one : side;
-            const REAL q0 = ma1 * m_u, q1 = ma2 * m_u, q2 = mi * m_i;
+            const REAL q0 = vp * m_u, q1 = vg * m_u, q2 = mi * m_i;
             gwp = hc * q0;
             ghp = wc * q0;
             gwg = hgc * q1;
@@ -172,11 +180,6 @@ static inline __attribute__((always_inline)) void FN(forward_block)(
             giw = ihc * q2;
             gih = iwc * q2;
         }
-        /* per-side clamp subgradients (at exactly 0: passed by older PyTorch); 1 where not masked */
-        gwp *= (w > 0 ? one : unmasked) + (w == 0 ? at_zero * side : zero);
-        ghp *= (h > 0 ? one : unmasked) + (h == 0 ? at_zero * side : zero);
-        gwg *= (wg > 0 ? one : unmasked) + (wg == 0 ? at_zero * side : zero);
-        ghg *= (hg > 0 ? one : unmasked) + (hg == 0 ? at_zero * side : zero);
         /* the prediction's weight in the intersection's edges: 1, 0 or 1/2 at a tie */
         const REAL wix = half + half * FN(sign)(dx1), wiy = half + half * FN(sign)(dy1);
         const REAL wjx = half + -half * FN(sign)(dx2), wjy = half + -half * FN(sign)(dy2);

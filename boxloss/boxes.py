@@ -55,8 +55,19 @@ def _check_box_tensor(name: str, boxes: object) -> Tensor:
 
 
 def _check_eps(eps: float) -> None:
-    if not (isinstance(eps, (int, float)) and eps >= 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    # eps = 0 turns the 0 / 0 of two identical empty boxes into NaN
+    if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+
+
+def _size(d: Tensor) -> Tensor:
+    """A width or height ``hi - lo`` clamped at 0, differentiable at exactly 0 (gradient 1 there).
+
+    The gradient at 0 is the one-sided derivative from above, the one that lets a collapsed box
+    grow back (``clamp(min=0)`` passes none at 0, which leaves a zero-height box stuck); it is
+    also torchvision's, which does not clamp. Inverted sides (< 0) get zero area and no gradient.
+    """
+    return torch.where(d < 0, 0.0, d)
 
 
 def box_convert(boxes: Tensor, in_fmt: str, out_fmt: str) -> Tensor:
@@ -95,7 +106,7 @@ def box_convert(boxes: Tensor, in_fmt: str, out_fmt: str) -> Tensor:
 def box_area(boxes: Tensor) -> Tensor:
     """Area of ``[..., 4]`` xyxy boxes, ``[...]``; inverted sides (x2 < x1) count as zero width."""
     boxes = _upcast(_check_box_tensor("boxes", boxes))
-    wh = (boxes[..., 2:] - boxes[..., :2]).clamp(min=0)  # [..., 2]
+    wh = _size(boxes[..., 2:] - boxes[..., :2])  # [..., 2]
     return wh[..., 0] * wh[..., 1]
 
 
@@ -129,8 +140,9 @@ def _iou_family(
     Returns ``(metric, iou)``. The primitives mirror ``torchvision.ops`` one for one (``torch.max`` /
     ``torch.min`` on columns, so ties split the gradient evenly as there), so values *and* gradients
     agree with torchvision on non-degenerate boxes. Two places differ from torchvision on purpose,
-    for degenerate boxes only: widths and heights are clamped at 0 (areas and the CIoU aspect term),
-    and the aspect term is ``atan(w / (h + eps))`` so h = 0 gives finite values and gradients.
+    for degenerate boxes only: widths and heights are clamped at 0 (areas and the CIoU aspect term;
+    at exactly 0 with the derivative from above, see :func:`_size`), and the aspect term's angle is
+    ``atan2(w, h)``, torchvision's ``atan(w / h)`` where h > 0 and finite (pi/2) at h = 0.
 
     ``pairwise`` selects torchvision's pairwise eps placement (IoU and GIoU without eps in the
     division, intersection clamped at 0) versus its loss placement (``inter / (union + eps)``,
@@ -139,8 +151,8 @@ def _iou_family(
     """
     x1, y1, x2, y2 = boxes1.unbind(-1)
     x1g, y1g, x2g, y2g = boxes2.unbind(-1)
-    w1, h1 = (x2 - x1).clamp(min=0), (y2 - y1).clamp(min=0)
-    w2, h2 = (x2g - x1g).clamp(min=0), (y2g - y1g).clamp(min=0)
+    w1, h1 = _size(x2 - x1), _size(y2 - y1)
+    w2, h2 = _size(x2g - x1g), _size(y2g - y1g)
 
     iw = torch.min(x2, x2g) - torch.max(x1, x1g)
     ih = torch.min(y2, y2g) - torch.max(y1, y1g)
@@ -171,7 +183,7 @@ def _iou_family(
     if kind == "diou":
         return diou, iou
 
-    v = _aspect_v(w1, h1, w2, h2, eps)
+    v = _aspect_v(w1, h1, w2, h2)
     with torch.no_grad():  # alpha is a weight, not differentiated (the paper's implementation)
         alpha = v / (1 - iou + v + eps)
         if ciou_alpha == "gated":  # MMDetection: only for IoU > 0.5
@@ -179,18 +191,38 @@ def _iou_family(
     return diou - alpha * v, iou
 
 
-def _aspect_v(w1: Tensor, h1: Tensor, w2: Tensor, h2: Tensor, eps: float) -> Tensor:
-    """CIoU's aspect-ratio consistency v = 4/pi^2 (atan(w2/h2) - atan(w1/h1))^2."""
-    # atan'(w/h) * d(w/h)/dh is NaN at h = 0 without the eps
-    return (4 / math.pi**2) * (torch.atan(w2 / (h2 + eps)) - torch.atan(w1 / (h1 + eps))) ** 2
+def _aspect_angle(w: Tensor, h: Tensor) -> Tensor:
+    """atan2(w, h) of clamped sizes (w, h >= 0): pi/2 at h = 0, 0 for a point (w = h = 0).
+
+    No eps: atan(w / (h + eps)) moves the angle by about eps / h, 1e-5 of it for the sides of 1e-2
+    that image-normalised boxes have. Where h > 0 the value is torchvision's ``atan(w / h)``, the
+    very bits of the kernels (``_kernels._angles``); at h = 0 it is pi/2 - atan(h / w), whose
+    derivative (0, -1 / w) is atan2's (h, -w) / (w^2 + h^2) there, where atan(w / h) would give
+    atan'(inf) * d(w/h)/dh = 0 * inf = NaN. A point gets no gradient (atan2 is 0 / 0 there). The
+    ``where`` guards keep the branch not taken finite, so its zero gradient stays zero, not NaN.
+    """
+    upright = h > 0
+    lying = ~upright & (w > 0)  # h = 0 (or -0.0)
+    across = torch.atan(w / torch.where(upright, h, 1.0))
+    along = math.pi / 2 - torch.atan(h / torch.where(lying, w, 1.0))
+    return torch.where(upright, across, torch.where(lying, along, 0.0))
 
 
-def _pairwise(kind: str, boxes1: Tensor, boxes2: Tensor, eps: float) -> Tensor:
+def _aspect_v(w1: Tensor, h1: Tensor, w2: Tensor, h2: Tensor) -> Tensor:
+    """CIoU's aspect-ratio consistency v = 4/pi^2 (atan(w2/h2) - atan(w1/h1))^2, angles by atan2."""
+    return (4 / math.pi**2) * (_aspect_angle(w2, h2) - _aspect_angle(w1, h1)) ** 2
+
+
+def _pairwise(kind: str, boxes1: Tensor, boxes2: Tensor, eps: float | None) -> Tensor:
+    """``eps`` None: IoU and GIoU, which divide without one (torchvision's pairwise functions)."""
     for name, b in (("boxes1", boxes1), ("boxes2", boxes2)):
         _check_box_tensor(name, b)
         if b.dim() != 2:
             raise ValueError(f"{name} must have shape [N, 4], got {tuple(b.shape)}")
-    _check_eps(eps)
+    if eps is None:
+        eps = 0.0  # unused by the pairwise IoU and GIoU
+    else:
+        _check_eps(eps)
     b1, b2 = _upcast(boxes1), _upcast(boxes2)
     if b1.dtype != b2.dtype:
         b1, b2 = b1.to(torch.promote_types(b1.dtype, b2.dtype)), b2.to(torch.promote_types(b1.dtype, b2.dtype))
@@ -199,7 +231,7 @@ def _pairwise(kind: str, boxes1: Tensor, boxes2: Tensor, eps: float) -> Tensor:
 
 def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """Pairwise IoU ``[N, M]`` of xyxy boxes ``[N, 4]`` and ``[M, 4]`` (as ``torchvision.ops.box_iou``)."""
-    return _pairwise("iou", boxes1, boxes2, 0.0)
+    return _pairwise("iou", boxes1, boxes2, None)
 
 
 def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
@@ -207,7 +239,7 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
 
     Reference: Rezatofighi et al., "Generalized Intersection over Union", CVPR 2019, arXiv:1902.09630.
     """
-    return _pairwise("giou", boxes1, boxes2, 0.0)
+    return _pairwise("giou", boxes1, boxes2, None)
 
 
 def distance_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
@@ -221,7 +253,8 @@ def distance_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tenso
 
 def complete_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
     """Pairwise CIoU ``[N, M]``: DIoU - alpha * v, v = 4/pi^2 (atan(w2/h2) - atan(w1/h1))^2,
-    alpha = v / (1 - IoU + v + eps) held constant (no gradient), as torchvision.
+    alpha = v / (1 - IoU + v + eps) held constant (no gradient), as torchvision. The angles are
+    ``atan2(w, h)``: torchvision's values where h > 0, finite at h = 0.
 
     Reference: Zheng et al., "Distance-IoU Loss", AAAI 2020, arXiv:1911.08287.
     """

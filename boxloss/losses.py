@@ -8,14 +8,21 @@ Every loss has the same signature::
 boxes or encoded deltas for the L-norm losses. The per-pair loss (``reduction="none"``) has shape
 ``[...]``: the L-norm losses sum over the 4 coordinates. ``weight`` is ``[...]`` (per pair) or
 ``[..., 4]`` (per coordinate; the IoU family averages it over the coordinates, as MMDetection does).
-``avg_factor`` replaces the number of elements in the mean (MMDetection semantics). The mean of an
-empty input is 0 and keeps the graph. Float16/bfloat16 inputs are computed and returned in float32.
+``avg_factor`` replaces the number of elements in the mean: the summed loss is divided by
+``avg_factor + finfo(float32).eps``, as MMDetection does, so ``avg_factor = 0`` (a batch without
+positives, ``num_pos`` passed unclamped) gives a loss of 0 with zero gradients, not NaN. The mean of
+an empty input is 0 and keeps the graph. ``eps`` must be a finite number > 0 (with 0, two identical
+empty boxes give 0 / 0). Float16/bfloat16 inputs are computed and returned in float32.
 
 The IoU family runs on :func:`boxloss._kernels.iou_family_loss`: loss and gradient in closed form
 in one forward sweep, 6 numbers per pair kept for backward (4 when the target needs no gradient),
 the same values and gradients as the plain-autograd formulation ``boxes._iou_family``. On CPU
 the compiled loops of ``boxloss._native`` run it (``BOXLOSS_KERNEL=eager`` selects the PyTorch-ops
 kernel that GPUs use). These losses are therefore differentiable once (no double backward).
+
+Widths and heights are clamped at 0 (degenerate boxes have zero area), and at exactly 0 their
+gradient is the derivative from above, torchvision's (which does not clamp): a box collapsed to
+zero height still gets the gradient that grows it back.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import warnings
 from typing import Callable
 
 import torch
@@ -51,6 +59,8 @@ __all__ = [
 ]
 
 _REDUCTIONS = ("none", "mean", "sum")
+# MMDetection's guard of the mean over avg_factor: sum / (avg_factor + eps), 0 (not NaN) for avg_factor = 0
+_AVG_EPS = torch.finfo(torch.float32).eps
 
 
 def _check_reduction(reduction: str) -> None:
@@ -59,10 +69,11 @@ def _check_reduction(reduction: str) -> None:
 
 
 def _reduce(loss: Tensor, weight: Tensor | None, reduction: str, avg_factor: float | Tensor | None) -> Tensor:
-    """Apply an element weight, then reduce: ``"none"``, ``"sum"``, or ``"mean"`` (over ``avg_factor``).
+    """Apply an element weight, then reduce: ``"none"``, ``"sum"``, or ``"mean"``.
 
     ``weight`` has the shape of ``loss`` or one more trailing dimension of 4, which is averaged
-    (the per-coordinate weights of a per-box loss).
+    (the per-coordinate weights of a per-box loss). With ``avg_factor`` the mean is
+    ``sum / (avg_factor + finfo(float32).eps)`` (MMDetection's rule: 0 for avg_factor = 0).
     """
     if weight is not None:
         if weight.dim() == loss.dim() + 1:
@@ -75,7 +86,7 @@ def _reduce(loss: Tensor, weight: Tensor | None, reduction: str, avg_factor: flo
             raise ValueError("avg_factor can only be used with reduction='mean' or 'none', got reduction='sum'")
         return loss.sum()
     if avg_factor is not None:
-        return loss.sum() / avg_factor
+        return loss.sum() / (avg_factor + _AVG_EPS)
     if loss.numel() == 0:
         return 0 * loss.sum()  # not NaN, and keeps the graph
     return loss.mean()
@@ -117,8 +128,9 @@ def l1_loss(pred, target, *, weight=None, reduction="mean", avg_factor=None, eps
         pred, target: ``[..., 4]`` boxes or encoded deltas.
         weight: ``[...]`` or ``[..., 4]`` element weights, or None.
         reduction: ``"none"`` (returns ``[...]``), ``"mean"`` or ``"sum"``.
-        avg_factor: divisor of the summed loss for ``"mean"`` (e.g. the number of positives).
-        eps: unused by this loss; accepted so every loss has the same signature.
+        avg_factor: divisor of the summed loss for ``"mean"`` (e.g. the number of positives): the
+            loss is ``sum / (avg_factor + finfo(float32).eps)`` as in MMDetection, 0 for 0.
+        eps: a finite number > 0; unused by this loss, accepted so every loss has the same signature.
 
     Returns:
         The loss, ``[...]`` for ``"none"``, else a scalar.
@@ -166,8 +178,10 @@ def _reduce_coords(loss: Tensor, weight, reduction, avg_factor) -> Tensor:
 def iou_loss(pred, target, *, weight=None, reduction="mean", avg_factor=None, eps=1e-7, mode="linear"):
     """IoU loss of matched xyxy boxes, with IoU = intersection / (union + eps).
 
-    ``mode="linear"``: 1 - IoU. ``mode="log"``: -ln(IoU + eps) (UnitBox). Other args as
-    :func:`l1_loss`. Degenerate boxes (zero or negative width/height) give finite values and
+    ``mode="linear"``: 1 - IoU. ``mode="log"``: -ln(min(IoU + eps, 1)) (UnitBox): the eps keeps
+    disjoint boxes finite, and the cap at 1 keeps the loss >= 0 where IoU + eps would exceed 1
+    (boxes identical to within eps of their area: the loss is 0 there, with zero gradient). Other
+    args as :func:`l1_loss`. Degenerate boxes (zero or negative width/height) give finite values and
     gradients; the loss has zero gradient while the boxes do not overlap (use GIoU/DIoU/CIoU there).
 
     Reference: Yu et al., "UnitBox: An Advanced Object Detection Network", ACM MM 2016,
@@ -206,6 +220,32 @@ def diou_loss(pred, target, *, weight=None, reduction="mean", avg_factor=None, e
 
 _CIOU_GRADS = ("exact", "paper")
 _CIOU_ALPHAS = ("standard", "gated")
+# ciou_grad="paper" warns once per process on boxes of pixel scale; set once it has (tests reset it)
+_paper_grad_warned = False
+
+
+def _warn_paper_grad_scale(pred: Tensor, target: Tensor) -> None:
+    """Warn (once per process) when ``ciou_grad="paper"`` meets boxes with a side larger than 1.
+
+    An explicit flag rather than the warnings module's once-per-location default, which fires again
+    for every new caller line and again after a filter reset. Reading the sides synchronises on a
+    GPU: it is done only until the warning has fired, and only in the paper mode.
+    """
+    global _paper_grad_warned
+    if _paper_grad_warned or pred.numel() == 0:
+        return
+    side = torch.maximum((pred[..., 2:] - pred[..., :2]).amax(), (target[..., 2:] - target[..., :2]).amax())
+    if side.item() > 1:
+        _paper_grad_warned = True
+        warnings.warn(
+            f"ciou_grad='paper' drops the 1 / (w^2 + h^2) factor of CIoU's aspect gradient, as the authors' "
+            f"Darknet and MATLAB code, which is their gradient only for image-normalised boxes (sides <= 1); "
+            f"these boxes have a side of {side.item():.4g}, where it multiplies the aspect gradient by "
+            f"w^2 + h^2 instead. The authors' PyTorch code uses the exact gradient: ciou_grad='exact' "
+            f"(the default). (Warned once per process.)",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def ciou_loss(
@@ -221,17 +261,24 @@ def ciou_loss(
 ):
     """CIoU loss of matched xyxy boxes: DIoU loss + alpha * v.
 
-    v = 4/pi^2 * (atan(w_g / (h_g + eps)) - atan(w / (h + eps)))^2 measures aspect-ratio consistency
-    and alpha = v / ((1 - IoU) + v + eps) is a trade-off weight.
+    v = 4/pi^2 * (atan(w_g / h_g) - atan(w / h))^2 measures aspect-ratio consistency and
+    alpha = v / ((1 - IoU) + v + eps) is a trade-off weight.
 
     Conventions (peers disagree; these are the choices):
 
+    * The angles are ``atan2(w, h)`` of the clamped sizes, without eps: torchvision's
+      ``atan(w / h)`` at every scale (an eps under the ratio shifts it by eps / h, which matters for
+      image-normalised boxes), and finite at h = 0 (pi/2; a point has angle 0 and no gradient).
     * alpha is computed without gradient, as in the paper's code, torchvision, MMDetection,
       detectron2 and ultralytics.
-    * ``ciou_grad="exact"`` (default) differentiates v exactly; with the other conventions this is
-      torchvision's ``complete_box_iou_loss`` gradient. ``ciou_grad="paper"`` drops the
-      1 / (w^2 + h^2) factor of dv/dw, dv/dh as the authors' implementation does (eq. 12 of the
-      paper): it explodes for small boxes otherwise. Values are identical in both modes.
+    * ``ciou_grad="exact"`` (default) differentiates v exactly: dv/dw and dv/dh carry
+      1 / (w^2 + h^2); with the other conventions this is torchvision's ``complete_box_iou_loss``
+      gradient. ``ciou_grad="paper"`` drops that factor (eq. 12 of the paper: it explodes for small
+      image-normalised boxes), as the authors' Darknet and MATLAB code does. That is their
+      gradient only for image-normalised boxes (sides <= 1): in pixel coordinates dropping the
+      factor multiplies the aspect gradient by w^2 + h^2 (thousands for boxes a few tens of
+      pixels wide), so the paper mode warns once per process when it sees a side larger than 1. The
+      authors' PyTorch code uses the exact gradient. Values are identical in both modes.
     * ``alpha="standard"`` (default) or ``"gated"``: MMDetection's alpha, zero where IoU <= 0.5.
 
     Other args as :func:`l1_loss`.
@@ -244,6 +291,8 @@ def ciou_loss(
     if alpha not in _CIOU_ALPHAS:
         raise ValueError(f"alpha must be one of {_CIOU_ALPHAS}, got {alpha!r}")
     pred, target, weight = _prepare(pred, target, weight, reduction, eps)
+    if ciou_grad == "paper":
+        _warn_paper_grad_scale(pred, target)
     loss = iou_family_loss(pred, target, "ciou", eps, ciou_grad=ciou_grad, alpha=alpha)
     return _reduce(loss, weight, reduction, avg_factor)
 

@@ -25,6 +25,7 @@ TORCHVISION = {
     "ciou": tv.complete_box_iou_loss,
 }
 REDUCTIONS = ("none", "mean", "sum")
+EPS = 1e-12  # eps must be > 0; this one is negligible against the unit areas of the hand-worked cases
 
 
 def box(*c, dtype=torch.float64):
@@ -37,22 +38,22 @@ def box(*c, dtype=torch.float64):
 def test_hand_worked_values():
     p, t = box(0, 0, 2, 2), box(1, 1, 3, 3)
     # overlap 1x1: I = 1, U = 7, IoU = 1/7; C = 3x3 = 9; centres (1,1),(2,2): rho^2 = 2, c^2 = 18
-    assert boxloss.iou_loss(p, t, eps=0).item() == pytest.approx(1 - 1 / 7)
-    assert boxloss.iou_loss(p, t, eps=0, mode="log").item() == pytest.approx(math.log(7))
-    assert boxloss.giou_loss(p, t, eps=0).item() == pytest.approx(1 - 1 / 7 + 2 / 9)
-    assert boxloss.diou_loss(p, t, eps=0).item() == pytest.approx(1 - 1 / 7 + 2 / 18)
+    assert boxloss.iou_loss(p, t, eps=EPS).item() == pytest.approx(1 - 1 / 7)
+    assert boxloss.iou_loss(p, t, eps=EPS, mode="log").item() == pytest.approx(math.log(7))
+    assert boxloss.giou_loss(p, t, eps=EPS).item() == pytest.approx(1 - 1 / 7 + 2 / 9)
+    assert boxloss.diou_loss(p, t, eps=EPS).item() == pytest.approx(1 - 1 / 7 + 2 / 18)
     # same aspect ratio: v = 0, CIoU = DIoU
-    assert boxloss.ciou_loss(p, t, eps=0).item() == pytest.approx(1 - 1 / 7 + 2 / 18)
+    assert boxloss.ciou_loss(p, t, eps=EPS).item() == pytest.approx(1 - 1 / 7 + 2 / 18)
     # disjoint, 2 px gap: [0,0,2,2] vs [4,0,6,2]; C = 6x2 = 12, U = 8: GIoU = -(12-8)/12 = -1/3
     p, t = box(0, 0, 2, 2), box(4, 0, 6, 2)
-    assert boxloss.giou_loss(p, t, eps=0).item() == pytest.approx(1 + 1 / 3)
+    assert boxloss.giou_loss(p, t, eps=EPS).item() == pytest.approx(1 + 1 / 3)
     # rho^2 = 16, c^2 = 36 + 4
-    assert boxloss.diou_loss(p, t, eps=0).item() == pytest.approx(1 + 16 / 40)
+    assert boxloss.diou_loss(p, t, eps=EPS).item() == pytest.approx(1 + 16 / 40)
     # CIoU with different aspect: [0,0,1,1] inside [0,0,2,1]: IoU = 1/2; rho^2 = 0.25, c^2 = 5
     p, t = box(0, 0, 1, 1), box(0, 0, 2, 1)
     v = 4 / math.pi**2 * (math.atan(2) - math.atan(1)) ** 2
     alpha = v / (1 - 0.5 + v)
-    assert boxloss.ciou_loss(p, t, eps=0).item() == pytest.approx(0.5 + 0.25 / 5 + alpha * v)
+    assert boxloss.ciou_loss(p, t, eps=EPS).item() == pytest.approx(0.5 + 0.25 / 5 + alpha * v)
     # L-norms: d = (1, -2, 0.5, 0)
     p, t = box(1, 0, 2.5, 3), box(0, 2, 2, 3)
     assert boxloss.l1_loss(p, t).item() == pytest.approx(3.5)
@@ -131,7 +132,7 @@ def test_gradcheck_ciou_alpha_held_constant():
     def v_of(p):
         w, h = p[:, 2] - p[:, 0], p[:, 3] - p[:, 1]
         wg, hg = target[:, 2] - target[:, 0], target[:, 3] - target[:, 1]
-        return 4 / math.pi**2 * (torch.atan(wg / (hg + 1e-7)) - torch.atan(w / (h + 1e-7))) ** 2
+        return 4 / math.pi**2 * (torch.atan(wg / hg) - torch.atan(w / h)) ** 2  # no eps: atan2's angles
 
     iou0 = boxloss.matched_box_iou(pred, target)
     alpha0 = v_of(pred) / (1 - iou0 + v_of(pred) + 1e-7)
@@ -144,11 +145,12 @@ def test_gradcheck_ciou_alpha_held_constant():
     torch.testing.assert_close(analytic, _numerical_grad(frozen, pred), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.filterwarnings("ignore:ciou_grad='paper'")  # pixel-sized boxes on purpose (see test_numerics)
 def test_ciou_paper_gradient_drops_the_factor():
     pred = box(0.0, 0.0, 3.0, 1.0).requires_grad_()
     target = box(0.0, 0.0, 1.0, 2.0)
-    exact = torch.autograd.grad(boxloss.ciou_loss(pred, target, eps=0), pred)[0]
-    paper = torch.autograd.grad(boxloss.ciou_loss(pred, target, eps=0, ciou_grad="paper"), pred)[0]
+    exact = torch.autograd.grad(boxloss.ciou_loss(pred, target, eps=EPS), pred)[0]
+    paper = torch.autograd.grad(boxloss.ciou_loss(pred, target, eps=EPS, ciou_grad="paper"), pred)[0]
     assert boxloss.ciou_loss(pred, target, ciou_grad="paper").item() == boxloss.ciou_loss(pred, target).item()
     # the difference is only alpha * dv: exact dv/dw = -k h/(w^2+h^2), paper -k h with w=3, h=1
     w, h = 3.0, 1.0
@@ -187,6 +189,7 @@ class TestContract:
         assert none.shape == (50,)
         torch.testing.assert_close(fn(pred, target, reduction="sum"), none.sum())
         torch.testing.assert_close(fn(pred, target), none.mean())
+        # MMDetection's sum / (avg_factor + finfo(float32).eps): 1.7e-8 from sum / 7, within tolerance
         torch.testing.assert_close(fn(pred, target, avg_factor=7.0), none.sum() / 7.0)
         w = torch.rand(50, dtype=torch.float64)
         torch.testing.assert_close(fn(pred, target, weight=w, reduction="sum"), (none * w).sum())
@@ -210,7 +213,7 @@ class TestContract:
             fn(pred[:, :3], target[:, :3])
         with pytest.raises(ValueError, match=r"same shape, got \(5, 4\) and \(4, 4\)"):
             fn(pred, target[:4])
-        with pytest.raises(ValueError, match=r"eps must be a finite number >= 0, got -1"):
+        with pytest.raises(ValueError, match=r"eps must be a finite number > 0, got -1"):
             fn(pred, target, eps=-1)
         with pytest.raises(ValueError, match=r"weight must have shape \(5,\) or \(5, 4\), got \(3,\)"):
             fn(pred, target, weight=torch.ones(3))
