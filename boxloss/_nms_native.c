@@ -19,6 +19,8 @@
 #define PRUNE_SLACK 1e-5  /* the pruning threshold t' = t (1 - slack) of nms.py */
 #define SMALL_SEGMENT 24  /* up to this many valid boxes: each against the kept list, no sort */
 #define INSERTION_SORT 32 /* radix_sort below this many keys: insertion sort */
+#define GRID_FACTOR 0.25     /* grid cells of about this x the mean box size max(w, h) (measured: 0.25-0.5 best) */
+#define GRID_EXTRA_CELLS 64  /* a segment's grid has at most 2 V + this many cells */
 
 enum { POW_NONE, POW_SQRT, POW_SQUARE, POW_CUBE, POW_GENERAL };
 enum { SOFT_LINEAR, SOFT_GAUSSIAN };
@@ -168,6 +170,43 @@ static int64_t group_by_class(const int64_t *cls, const int32_t *index, int32_t 
     free(key), free(tk), free(tv);
     return g;
 }
+
+/* ------------------------------------------------------------------------------ grid */
+
+/* A uniform grid of nx x ny square cells of side 1 / inv from (x0, y0); coordinates outside fall in the
+ * border cells. The cell of a coordinate is monotone in it, so the cells of the corners of a window
+ * bound the cells of every corner inside it. */
+struct grid {
+    double x0, y0, inv;
+    int64_t nx, ny;
+};
+
+static void grid_init(struct grid *g, double x0, double y0, double ex, double ey, double side, double max_cells) {
+    g->x0 = x0, g->y0 = y0, g->nx = 1, g->ny = 1, g->inv = 0;
+    if (!(side > 0 && side < INFINITY && ex < INFINITY && ey < INFINITY))
+        return; /* one cell */
+    double nx = ex / side + 1, ny = ey / side + 1;
+    if (!(nx * ny <= max_cells)) { /* coarser: at most max_cells cells */
+        side *= sqrt(nx * ny / max_cells);
+        do {
+            side *= 1.125;
+            nx = ex / side + 1, ny = ey / side + 1;
+        } while (!(nx * ny <= max_cells) && side < INFINITY);
+        if (!(side < INFINITY))
+            return;
+    }
+    g->nx = (int64_t)nx, g->ny = (int64_t)ny, g->inv = 1 / side;
+}
+
+static inline int64_t grid_cell(double u, double inv, int64_t n) {
+    double d = u * inv;
+    if (!(d >= 0)) /* also NaN */
+        return 0;
+    return d < (double)n ? (int64_t)d : n - 1;
+}
+
+static inline int64_t grid_cell_x(const struct grid *g, double x) { return grid_cell(x - g->x0, g->inv, g->nx); }
+static inline int64_t grid_cell_y(const struct grid *g, double y) { return grid_cell(y - g->y0, g->inv, g->ny); }
 
 /* ------------------------------------------------------------------------------ Soft-NMS helpers */
 

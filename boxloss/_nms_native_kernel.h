@@ -66,18 +66,23 @@ static inline REAL F(value)(const REAL *a, REAL a_area, const REAL *b, REAL b_ar
     return iou - r;
 }
 
-/* Coordinates of the valid boxes of a segment, in rank order (l*) and sorted by x1 (s*). */
+/* The valid boxes of a segment in rank order (l*), and by cell of a uniform grid over their corners
+ * (x1, y1) (s*): cells in row-major order, so the cells of one grid row that a query window covers
+ * are one contiguous run of positions, whose kept (alive) boxes are the set bits of that run. */
 struct F(seg) {
     REAL *lb, *la; /* [V, 4], [V] rank order */
-    REAL *sb, *sa; /* [V, 4], [V] by x1 */
+    REAL *sb, *sa; /* [V, 4], [V] by cell */
     int32_t *lp;   /* local -> the caller's position (rank position, or index for Soft-NMS) */
-    int32_t *pos_of, *srank; /* local -> sorted position, and back */
-    uint64_t *key, *key2, *bits;
-    int32_t *val, *val2, *klist;
+    int32_t *pos_of, *srank; /* local -> position by cell, and back */
+    int32_t *cell_of, *cell_start, *cursor; /* [V], [cells + 1], [cells] */
+    uint64_t *bits;
+    int32_t *klist;
+    struct grid g;
 };
 
 static int F(seg_alloc)(struct F(seg) *s, int64_t n) {
-    size_t nn = (size_t)(n > 0 ? n : 1);
+    size_t nn = (size_t)(n > 0 ? n : 1), cells = 2 * nn + GRID_EXTRA_CELLS + 1;
+    memset(s, 0, sizeof *s);
     s->lb = malloc(nn * 4 * sizeof(REAL));
     s->la = malloc(nn * sizeof(REAL));
     s->sb = malloc(nn * 4 * sizeof(REAL));
@@ -86,57 +91,49 @@ static int F(seg_alloc)(struct F(seg) *s, int64_t n) {
     s->pos_of = malloc(nn * sizeof(int32_t));
     s->srank = malloc(nn * sizeof(int32_t));
     s->klist = malloc(nn * sizeof(int32_t));
-    s->val = malloc(nn * sizeof(int32_t));
-    s->val2 = malloc(nn * sizeof(int32_t));
-    s->key = malloc(nn * sizeof(uint64_t));
-    s->key2 = malloc(nn * sizeof(uint64_t));
+    s->cell_of = malloc(nn * sizeof(int32_t));
+    s->cell_start = malloc(cells * sizeof(int32_t));
+    s->cursor = malloc(cells * sizeof(int32_t));
     s->bits = malloc(((nn + 63) / 64) * sizeof(uint64_t));
-    return s->lb && s->la && s->sb && s->sa && s->lp && s->pos_of && s->srank && s->klist && s->val && s->val2 &&
-           s->key && s->key2 && s->bits;
+    return s->lb && s->la && s->sb && s->sa && s->lp && s->pos_of && s->srank && s->klist && s->cell_of &&
+           s->cell_start && s->cursor && s->bits;
 }
 
 static void F(seg_free)(struct F(seg) *s) {
     free(s->lb), free(s->la), free(s->sb), free(s->sa), free(s->lp), free(s->pos_of), free(s->srank);
-    free(s->klist), free(s->val), free(s->val2), free(s->key), free(s->key2), free(s->bits);
+    free(s->klist), free(s->cell_of), free(s->cell_start), free(s->cursor), free(s->bits);
 }
 
-/* Sort the v valid boxes of s by x1: fills sb, sa, pos_of, srank; clears the bitset. */
-static void F(seg_sort_x)(struct F(seg) *s, int64_t v) {
+/* Grid over the corners of the v valid boxes of s (cells of about GRID_FACTOR x their mean size
+ * max(w, h), at most 2 v + GRID_EXTRA_CELLS of them); counting-sorts the boxes by cell into sb, sa,
+ * pos_of, srank; clears the bitset. */
+static void F(seg_grid)(struct F(seg) *s, int64_t v, double size_sum) {
+    double x0 = INFINITY, y0 = INFINITY, xm = -INFINITY, ym = -INFINITY;
     for (int64_t i = 0; i < v; i++) {
-        s->key[i] = F(sortable)(s->lb[4 * i]);
-        s->val[i] = (int32_t)i;
+        double x = s->lb[4 * i], y = s->lb[4 * i + 1];
+        x0 = x < x0 ? x : x0, xm = x > xm ? x : xm;
+        y0 = y < y0 ? y : y0, ym = y > ym ? y : ym;
     }
-    radix_sort(s->key, s->val, s->key2, s->val2, v, (int)sizeof(REAL));
-    for (int64_t p = 0; p < v; p++) {
-        int32_t i = s->val[p];
-        s->pos_of[i] = (int32_t)p;
-        s->srank[p] = i;
-        memcpy(s->sb + 4 * p, s->lb + 4 * (int64_t)i, 4 * sizeof(REAL));
+    grid_init(&s->g, x0, y0, xm - x0, ym - y0, GRID_FACTOR * size_sum / (double)v, 2.0 * (double)v + GRID_EXTRA_CELLS);
+    int64_t cells = s->g.nx * s->g.ny;
+    memset(s->cell_start, 0, (size_t)(cells + 1) * sizeof(int32_t));
+    for (int64_t i = 0; i < v; i++) {
+        int64_t c = grid_cell_y(&s->g, s->lb[4 * i + 1]) * s->g.nx + grid_cell_x(&s->g, s->lb[4 * i]);
+        s->cell_of[i] = (int32_t)c;
+        s->cell_start[c + 1]++;
+    }
+    for (int64_t c = 0; c < cells; c++) {
+        s->cell_start[c + 1] += s->cell_start[c];
+        s->cursor[c] = s->cell_start[c];
+    }
+    for (int64_t i = 0; i < v; i++) {
+        int32_t p = s->cursor[s->cell_of[i]]++;
+        s->pos_of[i] = p;
+        s->srank[p] = (int32_t)i;
+        memcpy(s->sb + 4 * (int64_t)p, s->lb + 4 * i, 4 * sizeof(REAL));
         s->sa[p] = s->la[i];
     }
     memset(s->bits, 0, (size_t)((v + 63) / 64) * sizeof(uint64_t));
-}
-
-/* first sorted position with x1 >= lo, and first with x1 > hi (the x1 column of sb, stride 4) */
-static inline void F(window)(const REAL *sb, int64_t v, double lo, double hi, int64_t *plo, int64_t *phi) {
-    int64_t a = 0, b = v;
-    while (a < b) {
-        int64_t mid = (a + b) >> 1;
-        if ((double)sb[4 * mid] < lo)
-            a = mid + 1;
-        else
-            b = mid;
-    }
-    *plo = a;
-    b = v;
-    while (a < b) {
-        int64_t mid = (a + b) >> 1;
-        if ((double)sb[4 * mid] <= hi)
-            a = mid + 1;
-        else
-            b = mid;
-    }
-    *phi = a;
 }
 
 /* Greedy NMS of the boxes at rank positions P[0..m) (ascending) of one category, threshold t >= 0.
@@ -149,7 +146,7 @@ static void F(greedy_segment)(const struct nms_job *job, struct F(seg) *s, const
     uint8_t *kept = job->kept;
     int32_t *owner = job->owner;
     int64_t v = 0;
-    double min_area = INFINITY;
+    double min_area = INFINITY, size_sum = 0;
     for (int64_t i = 0; i < m; i++) {
         int32_t p = P[i];
         const REAL *b = boxes + 4 * (int64_t)job->rank[p];
@@ -160,6 +157,8 @@ static void F(greedy_segment)(const struct nms_job *job, struct F(seg) *s, const
             s->lp[v] = p;
             if ((double)a < min_area)
                 min_area = a;
+            double w = (double)b[2] - (double)b[0], h = (double)b[3] - (double)b[1];
+            size_sum += w > h ? w : h;
             v++;
         } else { /* zero or non-finite area: IoU 0 or NaN with every box, never suppresses or is suppressed */
             kept[p] = 1;
@@ -195,42 +194,48 @@ static void F(greedy_segment)(const struct nms_job *job, struct F(seg) *s, const
     }
     /* Pruning threshold t' < t, as in nms.py: IoU > t' forces the x-ranges to overlap by more than
      * t' max(w_q, w_k), so a kept box k can only suppress q when
-     *   x1_q - (1 - t') min(max kept width, w_q / t') < x1_k < x2_q - t' w_q.
-     * Tiny thresholds or areas: plain overlap (t' = 0), which holds for any computed IoU > 0. */
+     *   x1_q - (1 - t') min(max kept width, w_q / t') < x1_k < x2_q - t' w_q,
+     * likewise in y. Tiny thresholds or areas: plain overlap (t' = 0), which holds for any computed
+     * IoU > 0. The bounds are computed in double, widened by far more than their rounding. */
     double tp = t * (1 - PRUNE_SLACK);
     if (t < 0x1p-20 || min_area < (sizeof(REAL) == 8 ? 0x1p-900 : 0x1p-100))
         tp = 0;
-    F(seg_sort_x)(s, v);
+    F(seg_grid)(s, v, size_sum);
+    const struct grid *g = &s->g;
     uint64_t *bits = s->bits;
-    double max_w = 0;
+    double max_w = 0, max_h = 0; /* over the kept boxes */
     for (int64_t i = 0; i < v; i++) {
         int64_t pos = s->pos_of[i];
         const REAL *q = s->sb + 4 * pos;
         REAL qa = s->sa[pos];
-        double qx1 = q[0], qx2 = q[2], wq = qx2 - qx1;
-        double reach = max_w;
-        if (tp > 0 && wq / tp < reach)
-            reach = wq / tp;
-        double lo = qx1 - (1 - tp) * reach, hi = qx2 - tp * wq;
-        double slack = (fabs(qx1) + fabs(qx2) + reach) * 0x1p-40; /* the rounding of these doubles */
-        int64_t plo, phi;
-        F(window)(s->sb, v, lo - slack, hi + slack, &plo, &phi);
+        double qx1 = q[0], qy1 = q[1], qx2 = q[2], qy2 = q[3], wq = qx2 - qx1, hq = qy2 - qy1;
+        double reach_x = max_w, reach_y = max_h;
+        if (tp > 0 && wq / tp < reach_x)
+            reach_x = wq / tp;
+        if (tp > 0 && hq / tp < reach_y)
+            reach_y = hq / tp;
+        double sx = (fabs(qx1) + fabs(qx2) + reach_x) * 0x1p-40, sy = (fabs(qy1) + fabs(qy2) + reach_y) * 0x1p-40;
+        int64_t cx0 = grid_cell_x(g, qx1 - (1 - tp) * reach_x - sx), cx1 = grid_cell_x(g, qx2 - tp * wq + sx);
+        int64_t cy0 = grid_cell_y(g, qy1 - (1 - tp) * reach_y - sy), cy1 = grid_cell_y(g, qy2 - tp * hq + sy);
         int32_t found = -1; /* local rank of the suppressing kept box */
-        for (int64_t w = plo >> 6; plo < phi && w <= (phi - 1) >> 6; w++) {
-            uint64_t word = bits[w];
-            if (w == plo >> 6)
-                word &= ~0ULL << (plo & 63);
-            if (w == (phi - 1) >> 6)
-                word &= ~0ULL >> (63 - ((phi - 1) & 63));
-            while (word) {
-                int64_t k = (w << 6) | __builtin_ctzll(word);
-                word &= word - 1;
-                const REAL *kb = s->sb + 4 * k;
-                if (kb[2] > q[0] && kb[1] < q[3] && kb[3] > q[1] && (found < 0 || s->srank[k] < found) &&
-                    (double)F(value)(kb, s->sa[k], q, qa, vp, 0) > t) {
-                    found = s->srank[k];
-                    if (!owner)
-                        goto decided; /* any suppressor will do */
+        for (int64_t cy = cy0; cy <= cy1; cy++) {
+            int64_t plo = s->cell_start[cy * g->nx + cx0], phi = s->cell_start[cy * g->nx + cx1 + 1];
+            for (int64_t w = plo >> 6; plo < phi && w <= (phi - 1) >> 6; w++) {
+                uint64_t word = bits[w];
+                if (w == plo >> 6)
+                    word &= ~0ULL << (plo & 63);
+                if (w == (phi - 1) >> 6)
+                    word &= ~0ULL >> (63 - ((phi - 1) & 63));
+                while (word) {
+                    int64_t k = (w << 6) | __builtin_ctzll(word);
+                    word &= word - 1;
+                    const REAL *kb = s->sb + 4 * k;
+                    if (kb[0] < q[2] && kb[2] > q[0] && kb[1] < q[3] && kb[3] > q[1] &&
+                        (found < 0 || s->srank[k] < found) && (double)F(value)(kb, s->sa[k], q, qa, vp, 0) > t) {
+                        found = s->srank[k];
+                        if (!owner)
+                            goto decided; /* any suppressor will do */
+                    }
                 }
             }
         }
@@ -238,8 +243,8 @@ static void F(greedy_segment)(const struct nms_job *job, struct F(seg) *s, const
         int32_t p = s->lp[i];
         if (found < 0) {
             bits[pos >> 6] |= 1ULL << (pos & 63);
-            if (wq > max_w)
-                max_w = wq;
+            max_w = wq > max_w ? wq : max_w;
+            max_h = hq > max_h ? hq : max_h;
             kept[p] = 1;
             if (owner)
                 owner[p] = p;
@@ -342,7 +347,7 @@ static int F(soft_segment)(const struct soft_job *job, struct F(seg) *s, const i
     const REAL *boxes = (const REAL *)job->boxes;
     struct heap h = {NULL, 0, 0};
     int64_t v = 0;
-    double max_w = 0;
+    double max_w = 0, max_h = 0, size_sum = 0;
     /* local index l: P[l]; candidates have current score >= score_threshold (NaN never) */
     for (int64_t l = 0; l < m; l++) {
         double sc = score_at(job->scores, job->scores_bits, P[l]);
@@ -357,19 +362,20 @@ static int F(soft_segment)(const struct soft_job *job, struct F(seg) *s, const i
             memcpy(s->lb + 4 * v, b, 4 * sizeof(REAL));
             s->la[v] = a;
             s->lp[v] = (int32_t)l;
-            double wb = (double)b[2] - (double)b[0];
-            if (wb > max_w)
-                max_w = wb;
+            double w = (double)b[2] - (double)b[0], hh = (double)b[3] - (double)b[1];
+            max_w = w > max_w ? w : max_w;
+            max_h = hh > max_h ? hh : max_h;
+            size_sum += w > hh ? w : hh;
             v++;
         }
     }
     if (v > 0) {
-        F(seg_sort_x)(s, v);
+        F(seg_grid)(s, v, size_sum);
         for (int64_t l = 0; l < m; l++)
             s->pos_of[l] = -1;
         for (int64_t p = 0; p < v; p++) {
             int32_t l = s->lp[s->srank[p]];
-            s->pos_of[l] = (int32_t)p; /* now: category-local index -> sorted position */
+            s->pos_of[l] = (int32_t)p; /* now: category-local index -> position by cell */
             s->srank[p] = l;           /* and back */
             s->bits[p >> 6] |= 1ULL << (p & 63); /* alive */
         }
@@ -395,36 +401,40 @@ static int F(soft_segment)(const struct soft_job *job, struct F(seg) *s, const i
         s->bits[pos >> 6] &= ~(1ULL << (pos & 63));
         const REAL *q = s->sb + 4 * pos;
         REAL qa = s->sa[pos];
-        /* boxes overlapping q: x1 in (x1_q - max width, x2_q) */
-        double qx1 = q[0], qx2 = q[2];
-        double slack = (fabs(qx1) + fabs(qx2) + max_w) * 0x1p-40;
-        int64_t plo, phi;
-        F(window)(s->sb, v, qx1 - max_w - slack, qx2 + slack, &plo, &phi);
-        for (int64_t w = plo >> 6; plo < phi && w <= (phi - 1) >> 6; w++) {
-            uint64_t word = s->bits[w];
-            if (w == plo >> 6)
-                word &= ~0ULL << (plo & 63);
-            if (w == (phi - 1) >> 6)
-                word &= ~0ULL >> (63 - ((phi - 1) & 63));
-            while (word) {
-                int64_t k = (w << 6) | __builtin_ctzll(word);
-                word &= word - 1;
-                const REAL *kb = s->sb + 4 * k;
-                if (!(kb[0] < q[2] && kb[2] > q[0] && kb[1] < q[3] && kb[3] > q[1]))
-                    continue;
-                double o = (double)F(value)(q, qa, kb, s->sa[k], &job->vp, 0);
-                double f = decay(job, o);
-                if (f == 1.0)
-                    continue;
-                int32_t lk = s->srank[k];
-                cur[lk] *= f;
-                version[lk]++;
-                if (!(cur[lk] >= job->score_threshold)) {
-                    dead[lk] = 1;
-                    s->bits[k >> 6] &= ~(1ULL << (k & 63));
-                } else if (heap_push(&h, (struct heap_entry){cur[lk], lk, version[lk]}) < 0) {
-                    free(h.e);
-                    return -1;
+        /* the boxes overlapping q: x1 in (x1_q - max width, x2_q), likewise y */
+        const struct grid *g = &s->g;
+        double qx1 = q[0], qy1 = q[1], qx2 = q[2], qy2 = q[3];
+        double sx = (fabs(qx1) + fabs(qx2) + max_w) * 0x1p-40, sy = (fabs(qy1) + fabs(qy2) + max_h) * 0x1p-40;
+        int64_t cx0 = grid_cell_x(g, qx1 - max_w - sx), cx1 = grid_cell_x(g, qx2 + sx);
+        int64_t cy0 = grid_cell_y(g, qy1 - max_h - sy), cy1 = grid_cell_y(g, qy2 + sy);
+        for (int64_t cy = cy0; cy <= cy1; cy++) {
+            int64_t plo = s->cell_start[cy * g->nx + cx0], phi = s->cell_start[cy * g->nx + cx1 + 1];
+            for (int64_t w = plo >> 6; plo < phi && w <= (phi - 1) >> 6; w++) {
+                uint64_t word = s->bits[w];
+                if (w == plo >> 6)
+                    word &= ~0ULL << (plo & 63);
+                if (w == (phi - 1) >> 6)
+                    word &= ~0ULL >> (63 - ((phi - 1) & 63));
+                while (word) {
+                    int64_t k = (w << 6) | __builtin_ctzll(word);
+                    word &= word - 1;
+                    const REAL *kb = s->sb + 4 * k;
+                    if (!(kb[0] < q[2] && kb[2] > q[0] && kb[1] < q[3] && kb[3] > q[1]))
+                        continue;
+                    double o = (double)F(value)(q, qa, kb, s->sa[k], &job->vp, 0);
+                    double f = decay(job, o);
+                    if (f == 1.0)
+                        continue;
+                    int32_t lk = s->srank[k];
+                    cur[lk] *= f;
+                    version[lk]++;
+                    if (!(cur[lk] >= job->score_threshold)) {
+                        dead[lk] = 1;
+                        s->bits[k >> 6] &= ~(1ULL << (k & 63));
+                    } else if (heap_push(&h, (struct heap_entry){cur[lk], lk, version[lk]}) < 0) {
+                        free(h.e);
+                        return -1;
+                    }
                 }
             }
         }

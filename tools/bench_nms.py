@@ -1,24 +1,26 @@
-"""Benchmark DIoU-NMS against torchvision's NMS on detector-like boxes, in the same run.
+"""Benchmark boxloss's NMS against torchvision's on detector-like boxes, in the same run.
 
-Command (the README's table was printed by exactly this):
+Command (docs/nms.md's table was printed by exactly this):
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python tools/bench_nms.py
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python tools/bench_nms.py --repeats 25
 
 Inputs imitate a detector's pre-NMS output on a 1333 x 800 image: one object per 25 boxes
 (``--boxes-per-object``), with log-uniform sizes (16-512 px) and aspect ratios (1:3-3:1), each
 surrounded by a cluster of ~20 boxes whose corners are jittered by 10 % of the object's size,
 scored below the object's confidence, plus 20 % of low-score background boxes anywhere. Class
 labels follow the object, with 10 % confusions. Scores are distinct, so torchvision's order is
-defined. Bigger clusters favour torchvision (its work grows with kept x boxes, ours with the
-overlapping pairs), so try ``--boxes-per-object 100`` too.
+defined. The last row is the worst case of a sequential greedy: a chain of 20,000 boxes on a line,
+each suppressing only the next (IoU 0.6 with the next one, 1/3 with the one after), so half are
+kept.
 
-For each size (1,000 / 5,000 / 20,000 boxes) and 1 or 80 classes it times
-``boxloss.diou_nms`` / ``batched_diou_nms`` with the distance term (DIoU-NMS) and without it
-(plain NMS) against ``torchvision.ops.nms`` (1 class) / ``torchvision.ops.batched_nms`` (80
-classes, which computes plain IoU). Calls are interleaved round-robin so that load from other
-processes hits all of them alike (the order rotates every round); each time is the median over
-``--repeats`` rounds after ``--warmup`` rounds. Ratios are ours / torchvision (< 1 is faster).
-It also checks that ``distance=False`` returns exactly torchvision's indices.
+Table 1: for each size and 1 / 20 / 80 classes, ``boxloss.batched_diou_nms`` with the distance
+term (DIoU-NMS) and without it (plain NMS) against ``torchvision.ops.batched_nms`` (which computes
+plain IoU). Table 2: one class, ``boxloss.diou_nms`` against ``torchvision.ops.nms``. Calls are
+interleaved round-robin so that load from other processes hits all of them alike (the order
+rotates every round); each time is the median over ``--repeats`` rounds after ``--warmup``
+rounds. Ratios are ours / torchvision (< 1 is faster). It also checks that ``distance=False``
+returns exactly torchvision's indices. ``--eager`` adds the torch-op path (``BOXLOSS_KERNEL=eager``,
+the path of GPUs and of installs without the C extension) as a column.
 """
 
 from __future__ import annotations
@@ -30,10 +32,13 @@ import platform
 import statistics
 import time
 
-import torch
-import torchvision
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch starts its OpenMP threads
 
-import boxloss
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+
+import boxloss  # noqa: E402
+import boxloss.nms as nms_mod  # noqa: E402
 
 
 def detector_like(
@@ -79,6 +84,33 @@ def detector_like(
     return boxes[perm].contiguous(), scores[perm].contiguous(), labels[perm].contiguous()
 
 
+def chain(n: int):
+    """``n`` unit boxes on a line, 0.25 apart, scores decreasing along it: box i suppresses box i + 1
+    (IoU 0.75 / 1.25 = 0.6) but not box i + 2 (IoU 0.5 / 1.5 = 1/3), so greedy keeps every other box
+    after testing each box against the kept ones: torchvision's loop is O(N^2) here."""
+    x = torch.arange(n, dtype=torch.float32) * 0.25
+    boxes = torch.stack([x, torch.zeros(n), x + 1, torch.ones(n)], 1)
+    scores = 1 - torch.arange(n, dtype=torch.float32) / n
+    return boxes, scores, torch.zeros(n, dtype=torch.int64)
+
+
+def eager(fn):
+    """``fn`` on the torch-op path (what BOXLOSS_KERNEL=eager selects)."""
+
+    def run():
+        saved = os.environ.get("BOXLOSS_KERNEL")
+        os.environ["BOXLOSS_KERNEL"] = "eager"
+        try:
+            return fn()
+        finally:
+            if saved is None:
+                del os.environ["BOXLOSS_KERNEL"]
+            else:
+                os.environ["BOXLOSS_KERNEL"] = saved
+
+    return run
+
+
 def time_round_robin(fns: dict, repeats: int, warmup: int) -> dict:
     """Median seconds per call of each function, calling them in turn each round (the order rotates
     from round to round, so no function always runs first, right after another's work)."""
@@ -95,59 +127,78 @@ def time_round_robin(fns: dict, repeats: int, warmup: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000])  # boxes per image
-    p.add_argument("--classes", type=int, nargs="+", default=[1, 80])  # 1: nms, >1: batched_nms
+    p.add_argument("--sizes", type=int, nargs="+", default=[100, 300, 1000, 2000, 5000, 10000, 20000])  # boxes
+    p.add_argument("--classes", type=int, nargs="+", default=[1, 20, 80])  # categories of batched_nms
+    p.add_argument("--chain", type=int, default=20000)  # boxes of the chain row (0: no chain row)
     p.add_argument("--iou-threshold", type=float, default=0.5)  # RetinaNet / DIoU paper value
     p.add_argument("--repeats", type=int, default=15)  # timed rounds (median reported)
     p.add_argument("--warmup", type=int, default=3)  # untimed rounds first
-    p.add_argument("--threads", type=int, default=None)  # torch intra-op threads (default: torch's)
+    p.add_argument("--threads", type=int, default=2)  # torch intra-op threads (the 2-core machine's count)
     p.add_argument("--boxes-per-object", type=int, default=25)  # cluster size (80 % of it around the object)
+    p.add_argument("--eager", action="store_true")  # also time the torch-op path
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     print(
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, C kernel "
+        f"{'built' if nms_mod._nms_native is not None else 'NOT built'}, "
         f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
     )
     print(
         f"iou_threshold={args.iou_threshold}, {args.boxes_per_object} boxes per object, "
         f"median of {args.repeats} rounds after {args.warmup} warm-up rounds\n"
     )
-    print(
-        "| boxes | classes | kept DIoU / IoU | torchvision ms | DIoU-NMS ms | ratio | plain NMS ms | ratio "
-        "| = torchvision |"
-    )
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |")
     t = args.iou_threshold
-    for n in args.sizes:
-        for c in args.classes:
-            boxes, scores, labels = detector_like(n, c, seed=args.seed + n + c, per_object=args.boxes_per_object)
-            if c == 1:
-                fns = {
-                    "tv": lambda: torchvision.ops.nms(boxes, scores, t),
-                    "diou": lambda: boxloss.diou_nms(boxes, scores, t),
-                    "iou": lambda: boxloss.diou_nms(boxes, scores, t, distance=False),
-                }
-            else:
+    cases = [(f"{n:,}", c, detector_like(n, c, seed=args.seed + n + c, per_object=args.boxes_per_object))
+             for n in args.sizes for c in args.classes]
+    if args.chain:
+        cases.append((f"{args.chain:,} chain", 1, chain(args.chain)))
+    eager_head = " torch path ms | ratio |" if args.eager else ""
+    for table in ("batched", "single"):
+        if table == "batched":
+            print("Table 1: boxloss.batched_diou_nms / torchvision.ops.batched_nms\n")
+            print(f"| boxes | classes | kept DIoU / IoU | torchvision ms | DIoU-NMS ms | ratio | plain NMS ms | ratio |"
+                  f"{eager_head} = torchvision |")
+        else:
+            print("\nTable 2: one class, boxloss.diou_nms / torchvision.ops.nms\n")
+            print(f"| boxes | classes | kept DIoU / IoU | torchvision ms | DIoU-NMS ms | ratio | plain NMS ms | ratio |"
+                  f"{eager_head} = torchvision |")
+        print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if args.eager else "")
+              + " :---: |")
+        worst = 0.0
+        for name, c, (boxes, scores, labels) in cases:
+            if table == "single" and c != 1:
+                continue
+            if table == "batched":
                 fns = {
                     "tv": lambda: torchvision.ops.batched_nms(boxes, scores, labels, t),
                     "diou": lambda: boxloss.batched_diou_nms(boxes, scores, labels, t),
                     "iou": lambda: boxloss.batched_diou_nms(boxes, scores, labels, t, distance=False),
                 }
+            else:
+                fns = {
+                    "tv": lambda: torchvision.ops.nms(boxes, scores, t),
+                    "diou": lambda: boxloss.diou_nms(boxes, scores, t),
+                    "iou": lambda: boxloss.diou_nms(boxes, scores, t, distance=False),
+                }
+            if args.eager:
+                fns["eager"] = eager(fns["diou"])
             out = {k: fn() for k, fn in fns.items()}
-            same = torch.equal(out["iou"], out["tv"])
+            same = torch.equal(out["iou"], out["tv"]) and (not args.eager or torch.equal(out["eager"], out["diou"]))
             med = time_round_robin(fns, args.repeats, args.warmup)
+            worst = max(worst, med["diou"] / med["tv"], med["iou"] / med["tv"])
+            eager_cols = f" {med['eager'] * 1e3:.2f} | {med['eager'] / med['tv']:.2f} |" if args.eager else ""
             print(
-                f"| {n:,} | {c} | {len(out['diou'])} / {len(out['iou'])} | {med['tv'] * 1e3:.2f} | "
-                f"{med['diou'] * 1e3:.2f} | {med['diou'] / med['tv']:.2f} | {med['iou'] * 1e3:.2f} | "
-                f"{med['iou'] / med['tv']:.2f} | {'yes' if same else 'NO'} |",
+                f"| {name} | {c} | {len(out['diou'])} / {len(out['iou'])} | {med['tv'] * 1e3:.3f} | "
+                f"{med['diou'] * 1e3:.3f} | {med['diou'] / med['tv']:.3f} | {med['iou'] * 1e3:.3f} | "
+                f"{med['iou'] / med['tv']:.3f} |{eager_cols} {'yes' if same else 'NO'} |",
                 flush=True,
             )
+        print(f"\nlargest ratio of table {1 if table == 'batched' else 2}: {worst:.3f}")
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     print(f"\nload average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
