@@ -56,10 +56,12 @@ computed value is compared with ``iou_threshold`` as an exact real number (as to
 kernel does). With ``distance=False`` the IoU is computed with the same operations as
 ``torchvision.ops.nms`` (inter / (area_i + area_j - inter)), so on valid boxes the kept indices
 are identical. Boxes with zero or non-finite area can neither suppress nor be suppressed (their
-IoU is 0 or NaN). ``beta`` other than 1, 0.5, 2, 3 and inf takes ``pow``: the C kernel uses the
-libm ``pow`` of torch's scalar loop, torch's vectorised loop a SLEEF ``pow`` within 1 ulp, so a
-penalty can differ in its last bit there. No data-dependent asserts; a few host syncs (sizes of
-candidate and edge lists, one per resolution round) are unavoidable on CUDA.
+IoU is 0 or NaN). The two implementations agree bit for bit with ``beta`` 1 (the default), 2, 3
+and inf; for ``beta = 0.5`` the C kernel takes the correctly rounded ``sqrt`` and for other
+``beta`` libm's ``pow`` of the float64 base (torch's scalar loop), while torch's CPU kernels use
+MKL's ``sqrt`` and SLEEF's ``pow``, within 1 ulp but not correctly rounded, so a penalty can
+differ in its last bit there. No data-dependent asserts; a few host syncs (sizes of candidate and
+edge lists, one per resolution round) are unavoidable on CUDA.
 
 Weighted NMS (:func:`weighted_nms`) is the same greedy pass, returning for each kept box the
 score-weighted mean of the boxes it suppresses. Soft-NMS (:func:`soft_nms`) decays scores instead
