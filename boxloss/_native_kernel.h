@@ -122,6 +122,7 @@ static inline __attribute__((always_inline)) void FN(forward_block)(
         }
         const REAL lg0 = iou + eps;
         const REAL lg = lg0 > one ? one : lg0; /* torch.clamp(max=1), NaN kept: the log loss is >= 0 */
+        const REAL below = lg < one ? one : zero; /* no log-loss gradient where the cap holds */
         loss[i] = logmode ? lg : one - metric; /* log mode: -log(lg) after the loop */
         if (ROWS == 0)
             continue;
@@ -134,7 +135,7 @@ static inline __attribute__((always_inline)) void FN(forward_block)(
             m_u = rc - iou * r;
         } else {
             r = one / ue;
-            r = logmode ? (r / lg) * (lg < one ? one : zero) : r; /* no gradient where the cap holds */
+            r = logmode ? (r / lg) * below : r;
             m_u = zero - iou * r;
         }
         const REAL m_i = r - m_u;
