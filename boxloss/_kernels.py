@@ -502,8 +502,7 @@ def _chunk(
 
     # phase 3: gradient of -L. With iou = I / Ue, kl = d(-L)/diou (1, or 1 / (iou + eps) for log,
     # 0 where the cap at 1 holds) and r = kl / Ue: m_u = d(-L)/dU = -iou r (+ 1 / (|C| + eps) for
-    # GIoU), and
-    # m_i = d(-L)/dI in total (through U too) = r - m_u
+    # GIoU), and m_i = d(-L)/dI in total (through U too) = r - m_u
     r, m_u, m_i, g_c = s[0], s[5], s[7], s[9]
     if kind == "giou":
         r_c = s[1]
@@ -774,7 +773,8 @@ def iou_family_loss(
             it enters).
         mode: IoU loss only: ``"linear"`` (1 - IoU) or ``"log"`` (-ln(min(IoU + eps, 1)), UnitBox).
         ciou_grad: ``"exact"`` (autograd's and torchvision's gradient) or ``"paper"`` (alpha dv/dw
-            without the 1 / (w^2 + h^2) factor, as the authors' implementation).
+            without the 1 / (w^2 + h^2) factor, as the authors' Darknet and MATLAB code: their
+            gradient for image-normalised boxes only; :func:`boxloss.ciou_loss` warns on larger ones).
         alpha: ``"standard"`` or ``"gated"`` (MMDetection: alpha = 0 where IoU <= 0.5).
         chunk: pairs per chunk of the eager path (default :func:`default_chunk`); results do not
             depend on it.

@@ -234,13 +234,15 @@ def _warn_paper_grad_scale(pred: Tensor, target: Tensor) -> None:
     global _paper_grad_warned
     if _paper_grad_warned or pred.numel() == 0:
         return
-    side = torch.maximum((pred[..., 2:] - pred[..., :2]).amax(), (target[..., 2:] - target[..., :2]).amax())
-    if side.item() > 1:
+    with torch.no_grad():
+        side = torch.maximum((pred[..., 2:] - pred[..., :2]).amax(), (target[..., 2:] - target[..., :2]).amax())
+        side = side.item()
+    if side > 1:
         _paper_grad_warned = True
         warnings.warn(
             f"ciou_grad='paper' drops the 1 / (w^2 + h^2) factor of CIoU's aspect gradient, as the authors' "
             f"Darknet and MATLAB code, which is their gradient only for image-normalised boxes (sides <= 1); "
-            f"these boxes have a side of {side.item():.4g}, where it multiplies the aspect gradient by "
+            f"these boxes have a side of {side:.4g}, where it multiplies the aspect gradient by "
             f"w^2 + h^2 instead. The authors' PyTorch code uses the exact gradient: ciou_grad='exact' "
             f"(the default). (Warned once per process.)",
             UserWarning,
