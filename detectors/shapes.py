@@ -13,6 +13,7 @@ import tempfile
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from .errors import OptionError
 from .fileio import atomic_json, current_umask
 
 __all__ = ["SHAPE_CLASSES", "make_shapes", "ensure_shapes", "shapes_exist"]
@@ -146,11 +147,11 @@ def make_shapes(
     for name, value in (("num_train", num_train), ("num_val", num_val), ("image_size", image_size),
                         ("max_objects", max_objects)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name.startswith("num") else 1):
-            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+            raise OptionError(f"{name} must be a non-negative integer, got {value!r}")
     if image_size < 32:
-        raise ValueError(f"image_size must be >= 32, got {image_size}")
+        raise OptionError(f"image_size must be >= 32, got {image_size}")
     if not 0 < min_frac <= max_frac < 1:
-        raise ValueError(f"need 0 < min_frac <= max_frac < 1, got {min_frac} and {max_frac}")
+        raise OptionError(f"need 0 < min_frac <= max_frac < 1, got {min_frac} and {max_frac}")
     draw_image = _crowded_image if crowded else _image
     root = os.path.abspath(root)
     parent = os.path.dirname(root)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import sys
 from contextlib import contextmanager
@@ -13,6 +14,18 @@ if ROOT not in sys.path:
 
 from detectors.errors import OptionError, UserError  # noqa: E402
 from detectors.heads import BOX_LOSSES, NMS_NAMES  # noqa: E402,F401  (the tools' choices)
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one, else the machine type."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
 
 
 def run_tool(main, *, interrupted: str = "interrupted") -> None:

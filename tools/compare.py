@@ -40,7 +40,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import BOX_LOSSES, NMS_NAMES, load_config, run_tool  # noqa: E402
+from _common import BOX_LOSSES, NMS_NAMES, cpu_name, load_config, run_tool  # noqa: E402
 
 from detectors.errors import DataError, OptionError  # noqa: E402
 
@@ -307,23 +307,12 @@ def run_one(args, loss: str, seed: int) -> dict:
         "train_seconds": round(train_seconds, 1),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
                    f"{__import__('torch').get_num_threads()}",
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "date": datetime.date.today().isoformat(),
     }
     atomic_json(result_path, record, indent=1)
     print(f"[compare] {name}: wrote {result_path}", flush=True)
     return record
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 # --------------------------------------------------------------------------- plots

@@ -30,14 +30,15 @@ deterministic for a given --seed and --threads.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import run_tool  # noqa: E402  (also puts the repo root on sys.path)
+
+from detectors.errors import OptionError  # noqa: E402
+from detectors.fileio import atomic_json, atomic_text, atomic_write  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -101,7 +102,7 @@ def load_digits_split(test_size: float, seed: int):
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError:
-        raise SystemExit("error: the demo needs scikit-learn: pip install -e '.[demo]'") from None
+        raise OptionError("the demo needs scikit-learn, an optional extra: pip install -e '.[demo]'") from None
     data = load_digits()
     x = torch.tensor(data.data, dtype=torch.float32) / 16.0  # pixel values 0..16
     y = torch.tensor(data.target, dtype=torch.long)
@@ -229,7 +230,7 @@ def plot(results: list[dict], y_te: torch.Tensor, path: str, args) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=10, markerscale=3, fontsize=9, frameon=False)
     fig.suptitle("sklearn digits, 2-D embeddings of the held-out split (x: training class means)", fontsize=11)
     fig.tight_layout(rect=(0, 0.04, 1, 0.97))
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -249,9 +250,7 @@ def table(results: list[dict], args) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "config.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
+    atomic_json(os.path.join(args.out_dir, "config.json"), vars(args), indent=2)
     t0 = time.perf_counter()
     data = load_digits_split(args.test_size, args.seed)
     print(f"digits: {len(data[1])} train / {len(data[3])} held-out, {args.epochs} epochs per loss", flush=True)
@@ -267,15 +266,13 @@ def main(argv=None) -> None:
     png = os.path.join(args.out_dir, "embed_demo.png")
     plot(results, data[3], png, args)
     md = table(results, args)
-    with open(os.path.join(args.out_dir, "results.md"), "w") as f:
-        f.write(md + "\n")
+    atomic_text(os.path.join(args.out_dir, "results.md"), md + "\n")
     keep = ("loss", "acc_l2", "acc_cos", "acc_head", "seconds")
-    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
-        json.dump([{k: r[k] for k in keep} for r in results], f, indent=2)
+    atomic_json(os.path.join(args.out_dir, "results.json"), [{k: r[k] for k in keep} for r in results], indent=2)
     print()
     print(md)
     print(f"\nwrote {png} ({time.perf_counter() - t0:.1f} s in all)")
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

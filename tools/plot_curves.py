@@ -15,7 +15,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402,F401  (repo root on sys.path)
+from _common import run_tool  # noqa: E402  (also puts the repo root on sys.path)
+
+from detectors.errors import DataNotFoundError  # noqa: E402
 
 METRIC_PREFIX = "coco/bbox_"
 
@@ -24,7 +26,7 @@ def read_curves(work_dir: str) -> tuple[dict[int, dict], dict[int, dict]]:
     """Returns ``(train, val)``: ``{iteration: {key: value}}`` and ``{epoch: {metric: value}}``."""
     files = sorted(glob.glob(os.path.join(work_dir, "*", "vis_data", "scalars.json")))
     if not files:
-        raise FileNotFoundError(f"no */vis_data/scalars.json under {work_dir!r}: not an mmengine work dir?")
+        raise DataNotFoundError(f"no */vis_data/scalars.json under {work_dir!r}: not an mmengine work dir?")
     train: dict[int, dict] = {}
     val: dict[int, dict] = {}
     for path in files:  # timestamped folder names sort in time order
@@ -78,10 +80,10 @@ def main(argv=None):
     p.add_argument("--out", help="PNG path (default WORK_DIR/curves.png)")
     args = p.parse_args(argv)
     if not os.path.isdir(args.work_dir):
-        raise SystemExit(f"error: work dir {args.work_dir!r} does not exist")
+        raise DataNotFoundError(f"work dir {args.work_dir!r} does not exist")
     out = plot(args.work_dir, args.out or os.path.join(args.work_dir, "curves.png"))
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

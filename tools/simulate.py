@@ -32,9 +32,13 @@ import platform
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import cpu_name, run_tool  # noqa: E402  (also puts the repo root on sys.path)
 
 import torch  # noqa: E402
+
+from detectors.fileio import atomic_text as write_text  # noqa: E402
+from detectors.fileio import atomic_write  # noqa: E402
 
 from boxloss import simulation as sim  # noqa: E402
 
@@ -60,25 +64,6 @@ DIRECTIONS = {
 }
 
 
-def atomic_write(path: str, write) -> None:
-    """Call ``write(tmp_path)``, then rename the temp file over ``path`` (no half-written outputs)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_text(path: str, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    atomic_write(path, write)
-
-
 def save_png(fig, path: str, dpi: int) -> None:
     """Save ``fig`` atomically as a 256-colour PNG (a scatter of 5,000 points compresses badly in RGBA)."""
     import io
@@ -89,18 +74,6 @@ def save_png(fig, path: str, dpi: int) -> None:
     fig.savefig(buf, format="png", dpi=dpi)
     image = Image.open(buf).convert("RGB").quantize(colors=256)
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG", optimize=True))
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo where there is one, else the machine type."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def fmt(value: float) -> str:
@@ -304,4 +277,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

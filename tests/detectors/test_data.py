@@ -161,3 +161,61 @@ def test_collate():
     out = detection_collate(batch)
     assert [x.shape for x in out["inputs"]] == [(3, 4, 5), (3, 6, 7)]
     assert [t["image_id"] for t in out["data_samples"]] == [1, 2]
+
+
+def test_crowded_shapes_have_overlapping_same_class_neighbours(tmp_path):
+    """The crowded variant: same-class pairs overlapping up to IoU 0.6 (many above 0.3, none above 0.6),
+    where the default data keeps every pair under 0.3."""
+    import json
+
+    from detectors.shapes import _iou, make_shapes
+
+    files = make_shapes(str(tmp_path / "c"), num_train=40, num_val=0, crowded=True, max_objects=12, max_frac=0.3)
+    data = json.load(open(files["train"]))
+    per_image = {}
+    for a in data["annotations"]:
+        x, y, w, h = a["bbox"]
+        per_image.setdefault(a["image_id"], []).append((a["category_id"], (x, y, x + w, y + h)))
+    ious = [_iou(a[1], b[1]) for objs in per_image.values() for i, a in enumerate(objs) for b in objs[i + 1:]
+            if a[0] == b[0]]
+    assert max(ious) <= 0.6
+    assert sum(v > 0.3 for v in ious) >= 20
+    assert len(data["annotations"]) / len(per_image) >= 4
+
+
+def test_failed_generation_leaves_nothing(tmp_path, monkeypatch):
+    import detectors.shapes as shapes_module
+
+    calls = []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("disk full")
+        return real(*args)
+
+    real = shapes_module._image
+    monkeypatch.setattr(shapes_module, "_image", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        shapes_module.make_shapes(str(tmp_path / "s"), num_train=5, num_val=0)
+    assert os.listdir(tmp_path) == []  # no dataset folder, no staging folder
+
+
+def test_offline_torchvision_weights_say_where_the_file_goes(monkeypatch, tmp_path):
+    """weights="DEFAULT" offline: one error naming torch's hub cache and the local-file alternative."""
+    import urllib.error
+
+    import torchvision
+
+    from detectors import build_detector
+    from detectors.errors import CheckpointError
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(CheckpointError, match=rf"cannot download the torchvision weights .* put the file "
+                                              rf"resnet18-.*\.pth in torch's hub cache {tmp_path}/hub/checkpoints"):
+        build_detector("retinanet", num_classes=3, backbone="resnet18", weights_backbone="DEFAULT")
