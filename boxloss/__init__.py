@@ -1,4 +1,4 @@
-"""boxloss: bounding-box regression losses, DIoU-NMS and tools to compare them.
+"""boxloss: bounding-box regression losses, DIoU-NMS (greedy, weighted, soft) and tools to compare them.
 
 Boxes are (x1, y1, x2, y2) in absolute units. Every regression loss has the signature
 ``loss(pred, target, *, weight=None, reduction="mean", avg_factor=None, eps=1e-7, ...)``.
@@ -37,7 +37,15 @@ from .losses import (
     l2_loss,
     smooth_l1_loss,
 )
-from .nms import batched_diou_nms, diou_nms
+from .nms import (
+    SOFT_NMS_METHODS,
+    batched_diou_nms,
+    batched_soft_nms,
+    batched_weighted_nms,
+    diou_nms,
+    soft_nms,
+    weighted_nms,
+)
 
 __version__ = "0.1.0"
 
@@ -75,4 +83,9 @@ __all__ = [
     "smooth_l1_loss",
     "batched_diou_nms",
     "diou_nms",
+    "batched_weighted_nms",
+    "weighted_nms",
+    "batched_soft_nms",
+    "soft_nms",
+    "SOFT_NMS_METHODS",
 ]

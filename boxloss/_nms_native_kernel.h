@@ -369,10 +369,11 @@ static int F(soft_segment)(const struct soft_job *job, struct F(seg) *s, const i
             v++;
         }
     }
-    if (v > 0) {
+    if (v > 0)
         F(seg_grid)(s, v, size_sum);
-        for (int64_t l = 0; l < m; l++)
-            s->pos_of[l] = -1;
+    for (int64_t l = 0; l < m; l++)
+        s->pos_of[l] = -1; /* not in the grid (also: none of this category is) */
+    if (v > 0) {
         for (int64_t p = 0; p < v; p++) {
             int32_t l = s->lp[s->srank[p]];
             s->pos_of[l] = (int32_t)p; /* now: category-local index -> position by cell */

@@ -519,6 +519,102 @@ def test_non_contiguous_inputs(kernel):
     assert torch.equal(boxloss.diou_nms(wide, scores[::1], 0.5), boxloss.diou_nms(boxes.contiguous(), scores, 0.5))
 
 
+# ---------------------------------------------------------------- weighted NMS
+
+
+def weighted_reference(boxes, scores, iou_threshold, idxs=None, beta=1.0, distance=True):
+    """Greedy push loop: a kept box takes every not yet suppressed box ranked after it, of its category,
+    whose value exceeds the threshold; its merged box is the score-weighted mean of them and itself."""
+    b = boxes.detach().cpu()
+    b = (b.double() if b.dtype == torch.float64 else b.float()).numpy()
+    bd = b.astype(np.float64)
+    s = scores.detach().cpu().double().tolist()
+    c = idxs.detach().cpu().tolist() if idxs is not None else [0] * len(s)
+    order = sorted(range(len(s)), key=lambda k: (-s[k], k))
+    suppressed = [False] * len(s)
+    keep, merged = [], []
+    for r, i in enumerate(order):
+        if suppressed[i]:
+            continue
+        row = _values(i, b, beta, distance).astype(np.float64)
+        cluster = [i] + [j for j in order[r + 1 :] if not suppressed[j] and c[j] == c[i] and row[j] > iou_threshold]
+        for j in cluster:
+            suppressed[j] = True
+        total = sum(s[j] for j in cluster)
+        mean = bd[i] if len(cluster) == 1 or total == 0 else sum(s[j] * bd[j] for j in cluster) / total
+        keep.append(i)
+        merged.append(mean)
+    return torch.tensor(keep, dtype=torch.int64), torch.from_numpy(np.array(merged).reshape(-1, 4).astype(b.dtype))
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["single", "batched"])
+def test_weighted_equals_reference(batched, kernel):
+    """2 x 2 x 150 random and adversarial cases: the kept indices of diou_nms, and the merged boxes of
+    the naive loop (to rounding: the mean is summed in another order)."""
+    g = torch.Generator().manual_seed(30 + batched)
+    for case in range(150):
+        n = int(torch.randint(0, 50, (1,), generator=g)) if case % 25 else 200
+        dtype = torch.float64 if case % 5 == 2 else torch.float32
+        if case % 3 == 0:
+            boxes, scores, t = adversarial_case(g, case % 4, n, dtype)
+            boxes = boxes.nan_to_num(0.0, 1e6, -1e6)  # finite: the means of negative-threshold clusters stay finite
+        else:
+            boxes, scores = random_case(g, n, dtype)
+            t = THRESHOLDS[case % len(THRESHOLDS)]
+        t = -0.2 if case % 17 == 3 else t
+        beta, distance = (1.0, True) if case % 4 else (math.inf, False)
+        idxs = torch.randint(0, 3, (n,), generator=g) if batched else None
+        if idxs is None:
+            keep, merged = boxloss.weighted_nms(boxes, scores, t, beta=beta, distance=distance)
+        else:
+            keep, merged = boxloss.batched_weighted_nms(boxes, scores, idxs, t, beta=beta, distance=distance)
+        want_keep, want_merged = weighted_reference(boxes, scores, t, idxs, beta, distance)
+        assert torch.equal(keep, want_keep), f"case {case}"
+        assert torch.equal(keep, _nms(boxes, scores, t, idxs, beta=beta, distance=distance))
+        assert merged.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        torch.testing.assert_close(merged, want_merged, rtol=1e-6, atol=1e-6, msg=f"case {case}")
+
+
+def test_weighted_hand_worked(kernel):
+    # A = [0,0,10,10] (0.6) and B = [1,0,11,10] (0.3): IoU 90 / 110 > 0.5, so B joins A:
+    # A + 0.3 / 0.9 * (B - A) = [1/3, 0, 31/3, 10]; C far away stays as it is
+    boxes = torch.tensor([[0.0, 0, 10, 10], [1, 0, 11, 10], [20, 20, 30, 30]], dtype=torch.float64)
+    keep, merged = boxloss.weighted_nms(boxes, torch.tensor([0.6, 0.3, 0.5]), 0.5)
+    assert keep.tolist() == [0, 2]
+    torch.testing.assert_close(merged, torch.tensor([[1 / 3, 0, 31 / 3, 10], [20, 20, 30, 30]], dtype=torch.float64))
+    # X = [6,0,16,10] overlaps A (0.9) and D = [12,0,22,10] (0.8) by IoU 4/16 each: at threshold 0.2
+    # (plain IoU) A suppresses X first, so X enters A's mean only (ultralytics' merge would add it to D's too):
+    # A + 0.7 / 1.6 * (6, 0, 6, 0) = [2.625, 0, 12.625, 10]
+    boxes = torch.tensor([[0.0, 0, 10, 10], [12, 0, 22, 10], [6, 0, 16, 10]])
+    keep, merged = boxloss.weighted_nms(boxes, torch.tensor([0.9, 0.8, 0.7]), 0.2, distance=False)
+    assert keep.tolist() == [0, 1]
+    assert merged.tolist() == [[2.625, 0, 12.625, 10], [12, 0, 22, 10]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_weighted_edge_cases(device, kernel):
+    if device != "cpu" and kernel == "native":
+        pytest.skip("the C kernel runs on CPU tensors")
+    keep, merged = boxloss.weighted_nms(torch.zeros(0, 4, device=device), torch.zeros(0, device=device), 0.5)
+    assert keep.shape == (0,) and merged.shape == (0, 4) and merged.device.type == device
+    one = torch.tensor([[1.1, 2.3, 3.7, 4.9]], device=device)
+    keep, merged = boxloss.weighted_nms(one, torch.tensor([0.3], device=device), 0.5)
+    assert keep.tolist() == [0] and torch.equal(merged, one)  # a cluster of one: the box itself, exactly
+    # all suppressed by the first: identical boxes merge into themselves; zero-area boxes stay alone,
+    # NaN-free; a zero-weight cluster keeps its box
+    boxes = torch.tensor(
+        [[0.1, 0.2, 5.3, 7.7]] * 4 + [[3, 3, 3, 9], [2, 2, 2, 2], [2, 2, 2, 2], [40, 40, 50, 50], [41, 40, 51, 50]],
+        device=device,
+    )
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.0, 0.0], device=device)
+    keep, merged = boxloss.weighted_nms(boxes, scores, 0.5)
+    assert keep.tolist() == [0, 4, 5, 6, 7]
+    assert torch.equal(merged, boxes[[0, 4, 5, 6, 7]])
+    idxs = torch.tensor([0, 1, 0, 1, 0, 0, 0, 0, 0], device=device)
+    keep, merged = boxloss.batched_weighted_nms(boxes, scores, idxs, 0.5)
+    assert keep.tolist() == [0, 1, 4, 5, 6, 7] and torch.equal(merged, boxes[[0, 1, 4, 5, 6, 7]])
+
+
 # ---------------------------------------------------------------- errors
 
 
