@@ -114,6 +114,8 @@ _STAGE_DIV = 4
 # fork/join; measured faster than 2^16-2^17 with 2 threads on the 2-core machine.
 _CHUNK_SLOTS = (1 << 15) - 1
 _ROW_WIDTHS = (8, 16, 32, 64, 128)
+# The C kernel indexes boxes with int32.
+_NATIVE_MAX_BOXES = 2**31 - 1
 
 
 def diou_nms(
@@ -150,7 +152,7 @@ def diou_nms(
         (Cluster-NMS), arXiv:2005.03572.
     """
     boxes, scores, _ = _check_inputs(boxes, scores, None, iou_threshold, beta, distance)
-    if _use_native(boxes.device):
+    if _use_native(boxes.device, boxes.shape[0]):
         return _native_nms(boxes, scores, None, float(iou_threshold), float(beta), distance, False)[0]
     return _nms(boxes, scores, None, float(iou_threshold), float(beta), distance)
 
@@ -185,7 +187,7 @@ def batched_diou_nms(
         Zheng et al., "Distance-IoU Loss", AAAI 2020, arXiv:1911.08287.
     """
     boxes, scores, idxs = _check_inputs(boxes, scores, idxs, iou_threshold, beta, distance)
-    if _use_native(boxes.device):
+    if _use_native(boxes.device, boxes.shape[0]):
         return _native_nms(boxes, scores, idxs, float(iou_threshold), float(beta), distance, False)[0]
     return _nms(boxes, scores, idxs, float(iou_threshold), float(beta), distance)
 
@@ -219,7 +221,8 @@ def weighted_nms(
     Returns:
         ``(keep, merged_boxes)``: ``[K]`` int64 indices of the kept boxes by decreasing score (ties
         by index), those of :func:`diou_nms`, and ``[K, 4]`` merged boxes in the compute dtype
-        (float32, or float64 for float64 boxes). Boxes of zero or non-finite area stay alone.
+        (float32, or float64 for float64 boxes), without gradient. Boxes of zero or non-finite area
+        stay alone.
 
     Reference:
         Zheng et al., "Enhancing Geometric Factors in Model Learning and Inference for Object
@@ -227,7 +230,7 @@ def weighted_nms(
         arXiv:2005.03572; the ``merge`` option of ultralytics' ``non_max_suppression``.
     """
     boxes, scores, _ = _check_inputs(boxes, scores, None, iou_threshold, beta, distance)
-    if _use_native(boxes.device):
+    if _use_native(boxes.device, boxes.shape[0]):
         return _native_nms(boxes, scores, None, float(iou_threshold), float(beta), distance, True)
     return _weighted_torch(boxes, scores, None, float(iou_threshold), float(beta), distance)
 
@@ -261,7 +264,7 @@ def batched_weighted_nms(
         Zheng et al., Cluster-NMS, arXiv:2005.03572.
     """
     boxes, scores, idxs = _check_inputs(boxes, scores, idxs, iou_threshold, beta, distance)
-    if _use_native(boxes.device):
+    if _use_native(boxes.device, boxes.shape[0]):
         return _native_nms(boxes, scores, idxs, float(iou_threshold), float(beta), distance, True)
     return _weighted_torch(boxes, scores, idxs, float(iou_threshold), float(beta), distance)
 
@@ -313,7 +316,7 @@ def soft_nms(
     boxes, scores, _ = _check_inputs(boxes, scores, None, iou_threshold, beta, distance)
     _check_soft_args(method, sigma, score_threshold)
     args = (method, float(sigma), float(iou_threshold), float(score_threshold), distance, float(beta))
-    if _use_native(boxes.device):
+    if _use_native(boxes.device, boxes.shape[0]):
         return _native_soft_nms(boxes, scores, None, *args)
     return _soft_torch(boxes, scores, None, *args)
 
@@ -356,7 +359,7 @@ def batched_soft_nms(
     boxes, scores, idxs = _check_inputs(boxes, scores, idxs, iou_threshold, beta, distance)
     _check_soft_args(method, sigma, score_threshold)
     args = (method, float(sigma), float(iou_threshold), float(score_threshold), distance, float(beta))
-    if _use_native(boxes.device):
+    if _use_native(boxes.device, boxes.shape[0]):
         return _native_soft_nms(boxes, scores, idxs, *args)
     return _soft_torch(boxes, scores, idxs, *args)
 
@@ -410,19 +413,21 @@ def _check_soft_args(method, sigma, score_threshold):
         raise ValueError(f"score_threshold must be a real number, got {score_threshold!r}")
 
 
-def _use_native(device: torch.device) -> bool:
-    """Whether the C kernel runs: ``$BOXLOSS_KERNEL`` as for the losses (``boxloss._kernels``):
-    ``"auto"`` (default) for CPU tensors when the extension is built, ``"eager"`` never (the torch
-    path), ``"native"`` always, raising where it cannot run."""
+def _use_native(device: torch.device, n: int) -> bool:
+    """Whether the C kernel runs on ``n`` boxes: ``$BOXLOSS_KERNEL`` as for the losses
+    (``boxloss._kernels``): ``"auto"`` (default) for CPU tensors when the extension is built,
+    ``"eager"`` never (the torch path), ``"native"`` always, raising where it cannot run."""
     backend = os.environ.get("BOXLOSS_KERNEL", "auto")
     if backend == "auto":
-        return device.type == "cpu" and _nms_native is not None
+        return device.type == "cpu" and _nms_native is not None and n < _NATIVE_MAX_BOXES
     if backend == "eager":
         return False
     if backend != "native":
         raise ValueError(f"BOXLOSS_KERNEL must be one of {BACKENDS}, got {backend!r}")
     if device.type != "cpu":
         raise ValueError(f"BOXLOSS_KERNEL='native' runs on CPU tensors only, got device {device}")
+    if n >= _NATIVE_MAX_BOXES:
+        raise ValueError(f"BOXLOSS_KERNEL='native' takes fewer than 2^31 boxes, got {n}")
     if _nms_native is None:
         raise RuntimeError("BOXLOSS_KERNEL='native' needs the compiled extension boxloss._nms_native, which is "
                            "not built: reinstall with a C compiler present (pip install -e .)")
@@ -496,8 +501,8 @@ def _nms(boxes: Tensor, scores: Tensor, idxs: Tensor | None, t: float, beta: flo
     device = boxes.device
     if n == 0:
         return torch.empty(0, dtype=torch.int64, device=device)
-    b = _upcast(boxes)
-    order = torch.sort(scores, descending=True, stable=True)[1]  # ties: lower index first
+    b = _upcast(boxes.detach())  # indices only: no autograd graph (and no warning on reading values)
+    order = torch.sort(scores.detach(), descending=True, stable=True)[1]  # ties: lower index first
     if n == 1 or t >= 1:  # computed IoU <= 1 and value <= IoU: nothing can be suppressed
         return order
     if t < 0:
@@ -518,7 +523,7 @@ def _nms(boxes: Tensor, scores: Tensor, idxs: Tensor | None, t: float, beta: flo
     if b.shape[0] == 0:
         return order
     if b.dtype == torch.float64 and float(b.abs().max()) > 2.0**900:
-        return _nms_dense(boxes, order, idxs, t, beta, distance)  # the float64 sort keys would overflow
+        return _nms_dense(boxes.detach(), order, idxs, t, beta, distance)  # the float64 sort keys would overflow
     # Pruning threshold t' < t: the geometric bounds hold for the real IoU, and the computed IoU is
     # within a few ulp of it while areas are normal numbers; for tiny areas or thresholds, prune by
     # plain intersection (t' = 0), which holds for any computed IoU > 0.
@@ -850,7 +855,7 @@ def _weighted_torch(boxes: Tensor, scores: Tensor, idxs: Tensor | None, t: float
     best-ranked kept box of its category, ranked before it, whose value exceeds t (the box that
     suppressed it in the greedy pass), and the clusters are averaged in float64."""
     keep = _nms(boxes, scores, idxs, t, beta, distance)
-    b = _upcast(boxes)
+    b = _upcast(boxes.detach())  # no gradient through the means, as in the C kernel
     n, k, dev = b.shape[0], keep.numel(), b.device
     if k == 0:
         return keep, b.new_empty(0, 4)
@@ -872,7 +877,7 @@ def _weighted_torch(boxes: Tensor, scores: Tensor, idxs: Tensor | None, t: float
     member = torch.ones(n, dtype=torch.bool, device=dev)
     member[keep] = False
     m = member.nonzero().squeeze(1)
-    w = scores.double()
+    w = scores.detach().double()
     bd = b.double()
     om = owner.index_select(0, m)
     wm = w.index_select(0, m)
@@ -889,12 +894,12 @@ def _soft_torch(boxes, scores, idxs, method, sigma, iou_threshold, score_thresho
     """Soft-NMS with torch ops: all categories advance together, one selection per category per round
     (highest current score, ties by index), each decaying the rest of its category; one host sync per
     round. The selections are then ordered by (score at selection desc, index)."""
-    b = _upcast(boxes)
+    b = _upcast(boxes.detach())
     n, dev = b.shape[0], b.device
     out_dtype = _soft_score_dtype(scores.dtype)
     cls = _compact_classes(idxs, n, dev)
     nc = int(cls.max()) + 1 if n else 0
-    cur = scores.double().clone()
+    cur = scores.detach().double().clone()  # no gradient, as in the C kernel
     alive = cur >= score_threshold  # NaN: never selected
     picked, picked_score = [], []
     pos = torch.arange(n, device=dev)

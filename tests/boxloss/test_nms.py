@@ -647,6 +647,38 @@ def test_bad_arguments_raise_with_the_value():
     assert boxloss.batched_diou_nms(b, s, i, 0.5).tolist() == [0, 1, 2]  # zero-area boxes: all kept
 
 
+def test_kernel_selection(monkeypatch):
+    """BOXLOSS_KERNEL as for the losses: auto / native / eager, errors naming the value."""
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    monkeypatch.delenv("BOXLOSS_KERNEL", raising=False)
+    assert nms_mod._use_native(cpu, 10) == (nms_mod._nms_native is not None)
+    assert not nms_mod._use_native(meta, 10)  # off the CPU: the torch path
+    assert not nms_mod._use_native(cpu, 2**31)  # beyond the kernel's int32 indices
+    monkeypatch.setenv("BOXLOSS_KERNEL", "eager")
+    assert not nms_mod._use_native(cpu, 10)
+    monkeypatch.setenv("BOXLOSS_KERNEL", "fast")
+    with pytest.raises(ValueError, match=r"BOXLOSS_KERNEL must be one of \('auto', 'native', 'eager'\), got 'fast'"):
+        boxloss.diou_nms(torch.zeros(2, 4), torch.zeros(2), 0.5)
+    monkeypatch.setenv("BOXLOSS_KERNEL", "native")
+    with pytest.raises(ValueError, match="BOXLOSS_KERNEL='native' runs on CPU tensors only, got device meta"):
+        nms_mod._use_native(meta, 10)
+    monkeypatch.setattr(nms_mod, "_nms_native", None)  # an install without a C compiler
+    with pytest.raises(RuntimeError, match="needs the compiled extension boxloss._nms_native"):
+        boxloss.soft_nms(torch.zeros(2, 4), torch.zeros(2))
+    monkeypatch.setenv("BOXLOSS_KERNEL", "auto")
+    boxes = torch.tensor([[0.0, 0, 10, 10], [1, 1, 11, 11]])
+    assert boxloss.diou_nms(boxes, torch.tensor([0.5, 0.9]), 0.5).tolist() == [1]  # the torch path
+
+
+def test_no_gradient_through_outputs(kernel):
+    boxes = torch.tensor([[0.0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30]], requires_grad=True)
+    scores = torch.tensor([0.9, 0.8, 0.7], requires_grad=True)
+    keep, merged = boxloss.weighted_nms(boxes, scores, 0.5)
+    assert keep.tolist() == [0, 2] and not merged.requires_grad
+    keep, s = boxloss.soft_nms(boxes, scores)
+    assert keep.tolist() == [0, 2, 1] and not s.requires_grad
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
 def test_device_mismatch_raises():
     with pytest.raises(ValueError, match="scores is on cpu but boxes is on cuda"):
