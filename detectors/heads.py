@@ -40,13 +40,13 @@ from torchvision.ops import boxes as box_ops
 import boxloss
 
 from .errors import OptionError
+from .nms import NMS_NAMES, check_nms_options, select
 
 __all__ = [
     "BOX_LOSSES",
     "NMS_NAMES",
     "default_box_loss_weight",
     "box_regression_loss",
-    "batched_nms",
     "FocalClassificationHead",
     "BoxLossRegressionHead",
     "BoxLossRetinaNetHead",
@@ -57,7 +57,6 @@ __all__ = [
 ]
 
 BOX_LOSSES = ("default", "l1", "l2", "smooth_l1", "iou", "giou", "diou", "ciou")
-NMS_NAMES = ("iou", "diou")
 HEAD_KINDS = ("retinanet", "rpn", "roi")
 
 # smooth-L1 transition point for box_loss="smooth_l1" in every head: torchvision's RPN and RoI head
@@ -80,13 +79,6 @@ def check_weight(name: str, value) -> float:
     return float(value)
 
 
-def check_nms_beta(value) -> float:
-    """DIoU-NMS exponent beta as a float: a finite number > 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise OptionError(f"nms_beta must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
 def set_box_loss(module: nn.Module, head: str, box_loss: str, loss_weight, prefix: str = "") -> None:
     """Validate and set ``module.box_loss`` and ``module.loss_weight`` (None: the head's default).
 
@@ -99,11 +91,9 @@ def set_box_loss(module: nn.Module, head: str, box_loss: str, loss_weight, prefi
     module.loss_weight = check_weight(f"{prefix}box_loss_weight", loss_weight)
 
 
-def set_nms(module: nn.Module, nms: str, nms_beta, prefix: str = "") -> None:
-    """Validate and set ``module.nms`` and ``module.nms_beta``."""
-    check_choice(f"{prefix}nms", nms, NMS_NAMES)
-    module.nms = nms
-    module.nms_beta = check_nms_beta(nms_beta)
+def set_nms(module: nn.Module, nms: str, nms_beta, soft_nms_sigma=0.5, prefix: str = "") -> None:
+    """Validate and set ``module.nms``, ``module.nms_beta`` and ``module.soft_nms_sigma``."""
+    module.nms, module.nms_beta, module.soft_nms_sigma = check_nms_options(nms, nms_beta, soft_nms_sigma, prefix)
 
 
 def default_box_loss_weight(head: str, box_loss: str) -> float:
@@ -166,18 +156,6 @@ def box_regression_loss(
         return boxloss.get_loss(box_loss, **options)(deltas, target, reduction="sum")
     pred_boxes = box_coder.decode_single(deltas.float(), reference_boxes.float())
     return boxloss.get_loss(box_loss)(pred_boxes, gt_boxes.float(), reduction="sum")
-
-
-def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, nms: str, beta: float) -> Tensor:
-    """Per-class NMS by name: ``"iou"`` is ``torchvision.ops.batched_nms``, ``"diou"`` DIoU-NMS.
-
-    DIoU-NMS suppresses a box when IoU - (rho^2 / c^2)^beta > ``iou_threshold`` (Zheng et al.,
-    "Distance-IoU Loss", AAAI 2020, arXiv:1911.08287). Returns kept indices by decreasing score.
-    """
-    if nms == "iou":
-        return box_ops.batched_nms(boxes, scores, idxs, iou_threshold)
-    check_choice("nms", nms, NMS_NAMES)
-    return boxloss.batched_diou_nms(boxes, scores, idxs, iou_threshold, beta=beta)
 
 
 # --------------------------------------------------------------------------- RetinaNet
@@ -283,11 +261,13 @@ class BoxLossRetinaNet(RetinaNet):
         backbone, num_classes, **kwargs: as torchvision's ``RetinaNet``.
         nms: ``"iou"`` (torchvision's) or ``"diou"`` for the per-class NMS of the detections.
         nms_beta: DIoU-NMS exponent of the distance term.
+        soft_nms_sigma: width of the gaussian decay of Soft-NMS.
     """
 
-    def __init__(self, backbone, num_classes, *, nms: str = "iou", nms_beta: float = 1.0, **kwargs):
+    def __init__(self, backbone, num_classes, *, nms: str = "iou", nms_beta: float = 1.0, soft_nms_sigma: float = 0.5,
+                 **kwargs):
         super().__init__(backbone, num_classes, **kwargs)
-        set_nms(self, nms, nms_beta)
+        set_nms(self, nms, nms_beta, soft_nms_sigma)
 
     def compute_loss(self, targets, head_outputs, anchors):
         losses = super().compute_loss(targets, head_outputs, anchors)
@@ -322,9 +302,10 @@ class BoxLossRetinaNet(RetinaNet):
                 image_scores.append(scores)
                 image_labels.append(candidates % num_classes + 1)
             boxes, scores, labels = torch.cat(image_boxes), torch.cat(image_scores), torch.cat(image_labels)
-            keep = batched_nms(boxes, scores, labels, self.nms_thresh, self.nms, self.nms_beta)
-            keep = keep[: self.detections_per_img]
-            detections.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+            keep, boxes, scores = select(boxes, scores, labels, self.nms_thresh, self.nms, beta=self.nms_beta,
+                                         sigma=self.soft_nms_sigma)
+            n = self.detections_per_img
+            detections.append({"boxes": boxes[:n], "scores": scores[:n], "labels": labels[keep[:n]]})
         return detections
 
 
@@ -348,11 +329,12 @@ class BoxLossRegionProposalNetwork(RegionProposalNetwork):
 
     def __init__(self, anchor_generator, head, fg_iou_thresh, bg_iou_thresh, batch_size_per_image,
                  positive_fraction, pre_nms_top_n, post_nms_top_n, nms_thresh, score_thresh=0.0, *,
-                 box_loss: str = "default", loss_weight=None, nms: str = "iou", nms_beta: float = 1.0):
+                 box_loss: str = "default", loss_weight=None, nms: str = "iou", nms_beta: float = 1.0,
+                 soft_nms_sigma: float = 0.5):
         super().__init__(anchor_generator, head, fg_iou_thresh, bg_iou_thresh, batch_size_per_image,
                          positive_fraction, pre_nms_top_n, post_nms_top_n, nms_thresh, score_thresh)
         set_box_loss(self, "rpn", box_loss, loss_weight, prefix="rpn_")
-        set_nms(self, nms, nms_beta, prefix="rpn_")
+        set_nms(self, nms, nms_beta, soft_nms_sigma, prefix="rpn_")
 
     @classmethod
     def from_torchvision(cls, rpn: RegionProposalNetwork, **options) -> "BoxLossRegionProposalNetwork":
@@ -386,10 +368,10 @@ class BoxLossRegionProposalNetwork(RegionProposalNetwork):
             boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
             keep = torch.where(scores >= self.score_thresh)[0]  # >= as torchvision
             boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
-            keep = batched_nms(boxes, scores, lvl, self.nms_thresh, self.nms, self.nms_beta)
-            keep = keep[: self.post_nms_top_n()]
-            final_boxes.append(boxes[keep])
-            final_scores.append(scores[keep])
+            _, boxes, scores = select(boxes, scores, lvl, self.nms_thresh, self.nms, beta=self.nms_beta,
+                                      sigma=self.soft_nms_sigma)
+            final_boxes.append(boxes[: self.post_nms_top_n()])
+            final_scores.append(scores[: self.post_nms_top_n()])
         return final_boxes, final_scores
 
     def forward(self, images, features, targets=None):
@@ -467,12 +449,12 @@ class BoxLossRoIHeads(RoIHeads):
     def __init__(self, box_roi_pool, box_head, box_predictor, fg_iou_thresh, bg_iou_thresh,
                  batch_size_per_image, positive_fraction, bbox_reg_weights, score_thresh, nms_thresh,
                  detections_per_img, *, box_loss: str = "default", loss_weight=None, nms: str = "iou",
-                 nms_beta: float = 1.0):
+                 nms_beta: float = 1.0, soft_nms_sigma: float = 0.5):
         super().__init__(box_roi_pool, box_head, box_predictor, fg_iou_thresh, bg_iou_thresh,
                          batch_size_per_image, positive_fraction, bbox_reg_weights, score_thresh,
                          nms_thresh, detections_per_img)
         set_box_loss(self, "roi", box_loss, loss_weight)
-        set_nms(self, nms, nms_beta)
+        set_nms(self, nms, nms_beta, soft_nms_sigma)
 
     @classmethod
     def from_torchvision(cls, roi_heads: RoIHeads, **options) -> "BoxLossRoIHeads":
@@ -559,11 +541,12 @@ class BoxLossRoIHeads(RoIHeads):
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
             keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-            keep = batched_nms(boxes, scores, labels, self.nms_thresh, self.nms, self.nms_beta)
-            keep = keep[: self.detections_per_img]
-            all_boxes.append(boxes[keep])
-            all_scores.append(scores[keep])
-            all_labels.append(labels[keep])
+            keep, boxes, scores = select(boxes, scores, labels, self.nms_thresh, self.nms, beta=self.nms_beta,
+                                         sigma=self.soft_nms_sigma)
+            n = self.detections_per_img
+            all_boxes.append(boxes[:n])
+            all_scores.append(scores[:n])
+            all_labels.append(labels[keep[:n]])
         return all_boxes, all_scores, all_labels
 
 
@@ -581,16 +564,18 @@ class BoxLossFasterRCNN(FasterRCNN):
         rpn_box_loss, rpn_box_loss_weight: the RPN's (``"default"``: torchvision's smooth-L1).
         nms: per-class NMS of the detections, ``"iou"`` or ``"diou"``.
         rpn_nms: per-level NMS of the proposals, ``"iou"`` or ``"diou"``.
-        nms_beta: DIoU-NMS exponent for both.
+        nms_beta: DIoU-NMS exponent for both; soft_nms_sigma: Soft-NMS gaussian width for both.
     """
 
     def __init__(self, backbone, num_classes=None, *, box_loss: str = "default", box_loss_weight=None,
                  rpn_box_loss: str = "default", rpn_box_loss_weight=None, nms: str = "iou",
-                 rpn_nms: str = "iou", nms_beta: float = 1.0, **kwargs):
+                 rpn_nms: str = "iou", nms_beta: float = 1.0, soft_nms_sigma: float = 0.5, **kwargs):
         super().__init__(backbone, num_classes, **kwargs)
         self.rpn = BoxLossRegionProposalNetwork.from_torchvision(
-            self.rpn, box_loss=rpn_box_loss, loss_weight=rpn_box_loss_weight, nms=rpn_nms, nms_beta=nms_beta
+            self.rpn, box_loss=rpn_box_loss, loss_weight=rpn_box_loss_weight, nms=rpn_nms, nms_beta=nms_beta,
+            soft_nms_sigma=soft_nms_sigma,
         )
         self.roi_heads = BoxLossRoIHeads.from_torchvision(
-            self.roi_heads, box_loss=box_loss, loss_weight=box_loss_weight, nms=nms, nms_beta=nms_beta
+            self.roi_heads, box_loss=box_loss, loss_weight=box_loss_weight, nms=nms, nms_beta=nms_beta,
+            soft_nms_sigma=soft_nms_sigma,
         )

@@ -30,9 +30,9 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from .checkpoint import load_weights, read_checkpoint, state_dict_of
 from .errors import CheckpointError, OptionError, check_known_keys
+from .nms import check_nms_options
 from .heads import (
     BOX_LOSSES,
-    NMS_NAMES,
     BoxLossFasterRCNN,
     BoxLossRetinaNet,
     BoxLossRetinaNetHead,
@@ -46,7 +46,7 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large")
 
 # Options build_detector consumes itself; everything else goes to torchvision's model class.
 _RPN_OPTIONS = ("rpn_box_loss", "rpn_box_loss_weight", "rpn_nms")
-_COMMON_OPTIONS = ("arch", "num_classes", "backbone", "box_loss", "box_loss_weight", "nms", "nms_beta", "weights",
+_COMMON_OPTIONS = ("arch", "num_classes", "backbone", "box_loss", "box_loss_weight", "nms", "nms_beta", "soft_nms_sigma", "weights",
                    "weights_backbone", "allow_partial_weights", "progress", "trainable_backbone_layers",
                    "norm_layer", "fpn_channels", "returned_layers", "anchor_sizes", "aspect_ratios")
 _OWN_OPTIONS = {
@@ -79,6 +79,7 @@ def build_detector(
     box_loss_weight: float | None = None,
     nms: str = "iou",
     nms_beta: float = 1.0,
+    soft_nms_sigma: float = 0.5,
     weights=None,
     weights_backbone=None,
     allow_partial_weights: bool = False,
@@ -124,10 +125,12 @@ def build_detector(
         box_loss: ``"default"``, ``"l1"``, ``"l2"``, ``"smooth_l1"``, ``"iou"``, ``"giou"``,
             ``"diou"`` or ``"ciou"``: RetinaNet's regression head or Faster R-CNN's RoI box head.
         box_loss_weight: multiplies that loss; None takes the table above.
-        nms: ``"iou"`` (torchvision's NMS) or ``"diou"`` (:func:`boxloss.batched_diou_nms`) for the
-            per-class NMS of the detections; the threshold stays torchvision's ``nms_thresh`` /
-            ``box_nms_thresh`` (0.5).
+        nms: the per-class NMS of the detections, one of :data:`detectors.nms.NMS_NAMES`:
+            ``"iou"`` (torchvision's), ``"diou"`` (:func:`boxloss.batched_diou_nms`), ``"soft"``
+            and ``"soft-diou"`` (gaussian Soft-NMS with the IoU or DIoU overlap), ``"weighted"``
+            (merge NMS); the threshold stays torchvision's ``nms_thresh`` / ``box_nms_thresh`` (0.5).
         nms_beta: DIoU-NMS suppresses when IoU - (rho^2 / c^2)^beta > threshold.
+        soft_nms_sigma: gaussian width of Soft-NMS (0.5, the paper's).
         weights: detector weights: a torchvision enum member or its name (``"DEFAULT"``,
             ``"COCO_V1"``; RetinaNet ResNet-50, Faster R-CNN ResNet-50 and MobileNetV3 only), or
             the path of a local checkpoint readable by ``torch.load(weights_only=True)``: a state
@@ -160,7 +163,7 @@ def build_detector(
             * ``anchor_sizes``: one tuple of sizes per feature level (or one size per level), and
               ``aspect_ratios`` (default ``(0.5, 1.0, 2.0)``) for every level.
             * ``rpn_box_loss`` (default ``"default"``: torchvision's smooth-L1),
-              ``rpn_box_loss_weight``, ``rpn_nms`` (``"iou"``/``"diou"`` for the proposals):
+              ``rpn_box_loss_weight``, ``rpn_nms`` (any NMS name, for the proposals):
               Faster R-CNN only.
             * ``progress``: show download progress of torchvision weights.
 
@@ -184,7 +187,7 @@ def build_detector(
     check_choice("arch", arch, ARCHS)
     check_choice("backbone", backbone, BACKBONES)
     check_choice("box_loss", box_loss, BOX_LOSSES)
-    check_choice("nms", nms, NMS_NAMES)
+    check_nms_options(nms, nms_beta, soft_nms_sigma)
     min_classes = 2 if arch == "faster_rcnn" else 1
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < min_classes:
         raise OptionError(f"num_classes must be an integer >= {min_classes} for {arch}, got {num_classes!r}")
@@ -250,7 +253,8 @@ def build_detector(
             box_loss=box_loss, box_loss_weight=box_loss_weight,
         )
         model = BoxLossRetinaNet(
-            fpn, num_classes, anchor_generator=anchor_generator, head=head, nms=nms, nms_beta=nms_beta, **kwargs
+            fpn, num_classes, anchor_generator=anchor_generator, head=head, nms=nms, nms_beta=nms_beta,
+            soft_nms_sigma=soft_nms_sigma, **kwargs
         )
     else:
         kwargs.setdefault("rpn_anchor_generator", anchor_generator)
@@ -258,6 +262,7 @@ def build_detector(
             kwargs.setdefault("rpn_score_thresh", 0.05)  # as torchvision's fasterrcnn_mobilenet_v3_large_fpn
         model = BoxLossFasterRCNN(
             fpn, num_classes, box_loss=box_loss, box_loss_weight=box_loss_weight, nms=nms, nms_beta=nms_beta,
+            soft_nms_sigma=soft_nms_sigma,
             **kwargs,
         )
 

@@ -215,3 +215,12 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
     assert proc.returncode == 130
     assert err.strip().splitlines()[-1] == (f"interrupted; continue with: python tools/train.py {cfg} "
                                             f"--work-dir {work} --resume")
+
+
+@pytest.mark.parametrize("nms", ["soft", "weighted"])
+def test_test_tool_evaluates_a_checkpoint_with_another_nms(finished, tmp_path, capsys, nms):
+    cfg, work = finished
+    code, out, err = run_tool_main("test", [cfg, str(work / "epoch_3.pth"), "--nms", nms,
+                                            "--work-dir", str(tmp_path / nms)], capsys)
+    assert code == 0, err
+    assert "| AP | AP50 | AP75 | APs | APm | APl |" in out

@@ -1,5 +1,7 @@
 """RetinaNet from detectors.build_detector: torchvision parity, hand-computed box losses, DIoU-NMS, training."""
 
+import math
+
 import pytest
 import torch
 import torchvision
@@ -156,6 +158,52 @@ def test_diou_nms_keeps_overlapping_boxes_with_distant_centres():
     model = tiny_detector("retinanet", nms="diou", nms_beta=1e6)
     (det,) = model.postprocess_detections(outputs, [[anchors]], [(64, 200)])
     torch.testing.assert_close(det["boxes"], anchors[:1])
+
+
+def test_soft_and_weighted_nms_on_the_hand_case():
+    """The same two boxes, worked by hand: IoU 70/130, rho^2/c^2 = 900/(130^2 + 10^2)."""
+    anchors = torch.tensor([[0.0, 0, 100, 10], [30, 0, 130, 10]])
+    logits = torch.full((1, 2, NUM_CLASSES), -10.0)
+    logits[0, :, 1] = torch.tensor([3.0, 2.0])
+    outputs = {"cls_logits": [logits], "bbox_regression": [torch.zeros(1, 2, 4)]}
+    s1, s2 = torch.sigmoid(torch.tensor(3.0)).item(), torch.sigmoid(torch.tensor(2.0)).item()
+    iou, penalty = 70 / 130, 900 / (130**2 + 10**2)
+    for nms, overlap in (("soft", iou), ("soft-diou", iou - penalty)):
+        (det,) = tiny_detector("retinanet", nms=nms).postprocess_detections(outputs, [[anchors]], [(64, 200)])
+        torch.testing.assert_close(det["boxes"], anchors)  # both kept, the second one decayed (sigma 0.5)
+        torch.testing.assert_close(det["scores"], torch.tensor([s1, s2 * math.exp(-overlap**2 / 0.5)]))
+        assert det["labels"].tolist() == [1, 1]
+    (det,) = tiny_detector("retinanet", nms="weighted").postprocess_detections(outputs, [[anchors]], [(64, 200)])
+    # IoU 0.54 > 0.5: one box, the score-weighted mean of the two, with the kept box's score
+    torch.testing.assert_close(det["boxes"], ((s1 * anchors[0] + s2 * anchors[1]) / (s1 + s2))[None])
+    torch.testing.assert_close(det["scores"], torch.tensor([s1]))
+
+
+@pytest.mark.parametrize("arch", ["retinanet", "faster_rcnn"])
+def test_every_nms_runs_in_post_processing(arch):
+    """Each NMS in both architectures (and the RPN): detections sorted by score, foreground labels;
+    weighted NMS keeps what IoU-NMS keeps (same scores and labels, merged boxes); Soft-NMS keeps at
+    least as many."""
+    from detectors.nms import NMS_NAMES
+
+    torch.manual_seed(0)
+    images = synthetic_batch()[0]
+    out = {}
+    for nms in NMS_NAMES:
+        options = dict(nms=nms, rpn_nms=nms) if arch == "faster_rcnn" else dict(nms=nms, score_thresh=0.0)
+        torch.manual_seed(0)
+        model = tiny_detector(arch, **options).eval()
+        with torch.no_grad():
+            out[nms] = model(images)
+        for det in out[nms]:
+            assert (det["scores"][1:] <= det["scores"][:-1]).all()
+            assert det["labels"].min() >= 1 and torch.isfinite(det["boxes"]).all()
+    for iou, weighted, soft in zip(out["iou"], out["weighted"], out["soft"]):
+        if arch == "retinanet":  # the RPN's own NMS differs between the Faster R-CNN variants
+            assert len(iou["scores"]) > 1
+            torch.testing.assert_close(weighted["scores"], iou["scores"])
+            assert torch.equal(weighted["labels"], iou["labels"])
+            assert len(soft["scores"]) >= len(iou["scores"])
 
 
 @pytest.mark.parametrize("box_loss", BOX_LOSSES)
