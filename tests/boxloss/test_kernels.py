@@ -236,7 +236,7 @@ def test_reductions_weights_and_grad_outputs(kind, reduction):
                     return loss
                 if reduction == "sum":
                     return loss.sum()
-                # MMDetection's guard: 0, not NaN, for avg_factor = 0
+                # the mean over avg_factor is MMDetection's sum / (avg_factor + float32 eps)
                 return loss.sum() / (avg_factor + torch.finfo(torch.float32).eps) if avg_factor else loss.mean()
 
             want = value_and_grads(ref, pred, target, grad_out=got[0].new_ones(()) if reduction != "none" else None,
