@@ -4,7 +4,8 @@
     losses = model(images, targets)          # train mode: {"loss_classifier": ..., "loss_box_reg": ...}
     detections = model.eval()(images)        # eval mode: [{"boxes", "scores", "labels"}, ...]
 
-The heads live in :mod:`detectors.heads`; this module chooses backbones, anchors and weights.
+The architectures live in :mod:`detectors.retinanet` and :mod:`detectors.faster_rcnn`, the options
+in :mod:`detectors.options`; this module chooses backbones, anchors and weights.
 """
 
 from __future__ import annotations
@@ -31,13 +32,9 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from .checkpoint import load_weights, read_checkpoint, state_dict_of
 from .errors import CheckpointError, OptionError, check_known_keys
 from .nms import check_nms_options
-from .heads import (
-    BOX_LOSSES,
-    BoxLossFasterRCNN,
-    BoxLossRetinaNet,
-    BoxLossRetinaNetHead,
-    check_choice,
-)
+from .faster_rcnn import BoxLossFasterRCNN
+from .options import BOX_LOSSES, check_choice
+from .retinanet import BoxLossRetinaNet, BoxLossRetinaNetHead
 
 __all__ = ["ARCHS", "BACKBONES", "build_detector"]
 
@@ -101,7 +98,7 @@ def build_detector(
     torchvision does (RetinaNet: per positive anchor; RoI head: per sampled RoI). The RetinaNet
     classification loss is :func:`boxloss.sigmoid_focal_loss` (alpha 0.25, gamma 2).
 
-    Default ``box_loss_weight`` (None), per head (see :func:`detectors.heads.default_box_loss_weight`):
+    Default ``box_loss_weight`` (None), per head (see :func:`detectors.options.default_box_loss_weight`):
 
     ==========================  =========  =====================  ==================
     box_loss                    RetinaNet  Faster R-CNN RoI head  RPN (rpn_box_loss)
@@ -171,7 +168,7 @@ def build_detector(
             ``max_size``, ``score_thresh``, ``nms_thresh``, ``box_batch_size_per_image``, ...).
 
     Returns:
-        A :class:`~detectors.heads.BoxLossRetinaNet` or :class:`~detectors.heads.BoxLossFasterRCNN`.
+        A :class:`~detectors.retinanet.BoxLossRetinaNet` or :class:`~detectors.faster_rcnn.BoxLossFasterRCNN`.
 
     Raises:
         OptionError (a ValueError): an unknown ``arch``, ``backbone``, ``box_loss``, ``nms`` or

@@ -34,7 +34,7 @@ SOFT_SCORE_THRESHOLD = 0.001
 
 def check_nms_options(nms: str, beta, sigma, prefix: str = "") -> tuple[str, float, float]:
     """Validate an NMS name, its DIoU exponent ``beta`` and Soft-NMS ``sigma``; returns them as floats."""
-    from .heads import check_choice
+    from .options import check_choice  # options imports this module: a late import
 
     check_choice(f"{prefix}nms", nms, NMS_NAMES)
     for name, value in (("nms_beta", beta), ("soft_nms_sigma", sigma)):

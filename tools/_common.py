@@ -13,7 +13,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from detectors.errors import OptionError, UserError  # noqa: E402
-from detectors.heads import BOX_LOSSES  # noqa: E402,F401  (the tools' choices)
+from detectors.options import BOX_LOSSES  # noqa: E402,F401  (the tools' choices)
 from detectors.nms import NMS_NAMES  # noqa: E402,F401
 
 

@@ -26,7 +26,8 @@ from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _r
 
 from detectors import build_detector
 from detectors.errors import CheckpointError
-from detectors.heads import BOX_LOSSES, BoxLossFasterRCNN, default_box_loss_weight
+from detectors.faster_rcnn import BoxLossFasterRCNN
+from detectors.options import BOX_LOSSES, default_box_loss_weight
 from detectors.models import _resolve_weights
 
 ROI_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # torchvision's RoI box coder

@@ -24,7 +24,8 @@ from torchvision.models.detection.retinanet import RetinaNetRegressionHead
 
 import boxloss
 from detectors import build_detector
-from detectors.heads import BOX_LOSSES, BoxLossRetinaNet, default_box_loss_weight
+from detectors.options import BOX_LOSSES, default_box_loss_weight
+from detectors.retinanet import BoxLossRetinaNet
 
 
 def test_default_loss_and_detections_equal_torchvision():
