@@ -31,6 +31,8 @@ from mmengine.registry import DATASETS, FUNCTIONS, METRICS, MODELS
 from . import runner as _runner  # noqa: F401  (registers BoxLossRunner and BoxLossCheckpointHook)
 from .data import CocoDetection, Compose, RandomHorizontalFlip, Resize, detection_collate
 from .errors import DataError, DataNotFoundError, OptionError, check_known_keys
+from .evaluation import (CONFUSION_SCORE_THR, check_backend, per_class_ap, per_class_markdown, run_cocoeval,
+                         write_plots)
 from .fileio import atomic_json
 from .shapes import make_shapes, shapes_exist
 
@@ -149,33 +151,17 @@ COCO_STAT_NAMES = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l",
                    "AR_1", "AR_10", "AR_100", "AR_s", "AR_m", "AR_l")
 
 
-def coco_summary(coco_gt, detections: list[dict], img_ids: Sequence[int] | None = None) -> tuple[np.ndarray, str]:
-    """Run pycocotools ``COCOeval`` (bbox); returns the 12 stats and the summary text it printed.
+def coco_summary(coco_gt, detections: list[dict], img_ids: Sequence[int] | None = None, *,
+                 backend: str = "pycocotools") -> tuple[np.ndarray, str]:
+    """Run COCO box evaluation; returns the 12 stats and pycocotools' 12 summary lines.
 
     ``detections`` are COCO result dicts (``image_id``, ``category_id``, ``bbox`` xywh, ``score``).
     With no detections every stat is 0, or -1 (pycocotools' "no ground truth of that size").
+    ``backend``: ``"pycocotools"`` (the reference) or ``"fast"`` (faster-coco-eval, an optional
+    extra); see :func:`detectors.evaluation.run_cocoeval`.
     """
-    from pycocotools.cocoeval import COCOeval
-
-    from pycocotools.coco import COCO
-
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        if detections:
-            coco_dt = coco_gt.loadRes(detections)
-        else:  # loadRes([]) raises; an empty result set scores 0 where there is ground truth, -1 where none
-            coco_dt = COCO()
-            coco_dt.dataset = {"images": list(coco_gt.dataset["images"]), "annotations": [],
-                               "categories": list(coco_gt.dataset["categories"])}
-            coco_dt.createIndex()
-        ev = COCOeval(coco_gt, coco_dt, "bbox")
-        if img_ids is not None:
-            ev.params.imgIds = sorted(img_ids)
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    text = buf.getvalue()
-    return np.asarray(ev.stats, dtype=np.float64), text[text.find(" Average Precision"):]
+    ev, text = run_cocoeval(coco_gt, detections, img_ids, backend=backend)
+    return np.asarray(ev.stats[:12], dtype=np.float64), text
 
 
 @METRICS.register_module(force=True)
@@ -191,15 +177,27 @@ class CocoMetric(BaseMetric):
         ann_file: the ground-truth COCO JSON of the evaluated split (relative to ``data_root``).
         data_root: optional folder ``ann_file`` is relative to.
         out_file: also write the detections there as a COCO results JSON (atomically).
+        per_class: also log a Markdown table of AP, AP50, AP75, APs/m/l per category.
+        plots_dir: also write there ``per_class.csv``, ``pr_curves.png`` (IoU 0.5 and 0.75) and
+            ``confusion_matrix.png`` / ``.csv`` (replaced at every evaluation); see
+            :func:`detectors.evaluation.write_plots`.
+        backend: ``"pycocotools"`` (the reference) or ``"fast"`` (faster-coco-eval, the same stats;
+            ``pip install 'boxloss[fast-eval]'``).
+        confusion_score_thr: detections below this score are left out of the confusion matrix.
         collect_device, prefix: as mmengine's ``BaseMetric``.
     """
 
     default_prefix = "coco"
 
     def __init__(self, ann_file: str, *, data_root: str | None = None, out_file: str | None = None,
-                 collect_device: str = "cpu", prefix: str | None = None):
+                 per_class: bool = False, plots_dir: str | None = None, backend: str = "pycocotools",
+                 confusion_score_thr: float = CONFUSION_SCORE_THR, collect_device: str = "cpu",
+                 prefix: str | None = None):
         super().__init__(collect_device=collect_device, prefix=prefix)
+        check_backend(backend)  # a missing extra fails when the config is built, not after an epoch
         self.out_file = out_file
+        self.per_class, self.plots_dir, self.backend = per_class, plots_dir, backend
+        self.confusion_score_thr = confusion_score_thr
         from pycocotools.coco import COCO
 
         # the official ground truth as pycocotools reads it (no boxes dropped or changed)
@@ -240,9 +238,16 @@ class CocoMetric(BaseMetric):
         if self.out_file:
             atomic_json(self.out_file, detections)
         img_ids = sorted({r["image_id"] for r in results})
-        stats, text = coco_summary(self.coco, detections, img_ids)
-        MMLogger.get_current_instance().info(f"COCO bbox evaluation on {len(img_ids)} images:\n{text}")
-        return {f"bbox_{name}": float(v) for name, v in zip(COCO_STAT_NAMES, stats)}
+        ev, text = run_cocoeval(self.coco, detections, img_ids, backend=self.backend)
+        logger = MMLogger.get_current_instance()
+        logger.info(f"COCO bbox evaluation on {len(img_ids)} images ({self.backend}):\n{text}")
+        if self.per_class:
+            logger.info("AP per class:\n" + per_class_markdown(per_class_ap(ev)))
+        if self.plots_dir:
+            paths = write_plots(ev, self.coco, detections, self.plots_dir, img_ids=img_ids,
+                                score_thr=self.confusion_score_thr)
+            logger.info(f"evaluation plots written: {', '.join(paths)}")
+        return {f"bbox_{name}": float(v) for name, v in zip(COCO_STAT_NAMES, ev.stats[:12])}
 
 
 

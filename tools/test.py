@@ -2,10 +2,15 @@
 
     python tools/test.py configs/retinanet_r18_shapes.py work_dirs/retinanet_r18_shapes/epoch_12.pth
     python tools/test.py CONFIG CKPT --out dets.json --nms diou     # also write the detections
+    python tools/test.py CONFIG CKPT --per-class --plots work_dirs/eval --backend fast
 
 Prints pycocotools' summary and a Markdown row of AP figures. The checkpoint's weights must fit
 the config's model exactly (a checkpoint of another architecture or class count is an error);
 `--cfg-options allow_partial_load=True` loads what fits, on purpose.
+
+--per-class logs AP, AP50, AP75, APs/m/l per class; --plots DIR writes per_class.csv, pr_curves.png
+and confusion_matrix.png/.csv there; --backend fast evaluates with faster-coco-eval (the same stats,
+`pip install 'boxloss[fast-eval]'`). They set the test evaluator's per_class, plots_dir and backend.
 """
 
 import argparse
@@ -16,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import NMS_NAMES, load_config, removed_on_failure, run_tool, setup_cpu_distributed  # noqa: E402
 
 from detectors.errors import CheckpointError  # noqa: E402
+from detectors.evaluation import BACKENDS, check_backend  # noqa: E402
 
 
 def main(argv=None):
@@ -30,7 +36,12 @@ def main(argv=None):
     p.add_argument("--data-root", help="dataset root (sets every dataloader and evaluator)")
     p.add_argument("--cfg-options", nargs="+", action=DictAction, help="override config keys: k=v")
     p.add_argument("--launcher", choices=("none", "pytorch", "slurm"), default="none", help="job launcher")
+    p.add_argument("--per-class", action="store_true", help="log AP, AP50, AP75, APs/m/l per class (Markdown)")
+    p.add_argument("--plots", metavar="DIR", help="write per_class.csv, pr_curves.png, confusion_matrix.png/.csv there")
+    p.add_argument("--backend", choices=BACKENDS, help="COCO evaluator (default: the config's, else pycocotools)")
     args = p.parse_args(argv)
+    if args.backend:
+        check_backend(args.backend)  # a missing extra is said before the model is built
     if not os.path.isfile(args.checkpoint):
         raise CheckpointError(f"checkpoint file not found: {args.checkpoint!r}")
     work_dir = args.work_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "test")
@@ -41,6 +52,12 @@ def main(argv=None):
     cfg.resume = False
     if args.out:
         cfg.test_evaluator.out_file = args.out
+    if args.per_class:
+        cfg.test_evaluator.per_class = True
+    if args.plots:
+        cfg.test_evaluator.plots_dir = args.plots
+    if args.backend:
+        cfg.test_evaluator.backend = args.backend
     setup_cpu_distributed(cfg, args.launcher)
 
     from detectors.runner import BoxLossRunner
