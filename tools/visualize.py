@@ -85,18 +85,25 @@ def _text_size(draw, text: str, font) -> tuple[int, int, int, int]:
     return left, top, right - left, bottom - top
 
 
-def _label(draw, x: float, y: float, text: str, colour, font, *, above: bool, image_size) -> None:
-    """A filled tag with ``text``, above (or below) the point, kept inside the image."""
-    left, top, w, h = _text_size(draw, text, font)
+def _place_labels(draw, labels: list, font, image_size) -> None:
+    """Draw filled tags ``(x, y, text, colour, above)`` at a box corner, in the given order (most
+    important first), each moved down past the tags already placed that it would cover."""
+    placed = []
     pad = 2
-    w, h = w + 2 * pad, h + 2 * pad
-    if above:
-        y = y - h if y - h >= 0 else y
-    elif y + h > image_size[1]:
-        y = image_size[1] - h
-    x = min(max(0, x), max(0, image_size[0] - w))
-    draw.rectangle([x, y, x + w, y + h], fill=colour)
-    draw.text((x + pad - left, y + pad - top), text, fill=_ink(colour), font=font)
+    W, H = image_size
+    for x, y, text, colour, above in labels:
+        left, top, w, h = _text_size(draw, text, font)
+        w, h = w + 2 * pad, h + 2 * pad
+        x = min(max(0, x), max(0, W - w))
+        y = (y - h if y - h >= 0 else y) if above else min(y, H - h)
+        for _ in range(12):  # a few tries; past them, overlap rather than wander off
+            hit = next((r for r in placed if x < r[2] and r[0] < x + w and y < r[3] and r[1] < y + h), None)
+            if hit is None:
+                break
+            y = hit[3] if hit[3] + h <= H else max(0, hit[1] - h)
+        placed.append((x, y, x + w, y + h))
+        draw.rectangle([x, y, x + w, y + h], fill=colour)
+        draw.text((x + pad - left, y + pad - top), text, fill=_ink(colour), font=font)
 
 
 def draw_image(image, gt, dets, *, names: dict, colours: dict, scale: float, font, match=None):
@@ -105,14 +112,14 @@ def draw_image(image, gt, dets, *, names: dict, colours: dict, scale: float, fon
     ``gt = (boxes [G, 4] xyxy, category ids [G], crowd [G])`` and ``dets = (boxes, scores, category
     ids)`` in original pixels; ``match`` (a :class:`~detectors.evaluation.ImageMatch` of these
     detections) colours them by kind instead of by class. Returns the legend items used:
-    ``{key: (colour, text, dashed)}`` with per-image counts.
+    ``{key: [colour, text, dashed, count]}`` (per-image counts of boxes or detections).
     """
     from PIL import ImageDraw
 
     draw = ImageDraw.Draw(image)
     width = max(2, round(font.size / 6)) if hasattr(font, "size") else 2
     legend: dict = {}
-    labels = []  # drawn after every box, so no box hides a tag
+    gt_tags, det_tags = [], []  # drawn after every box, so no box hides a tag
     gt_boxes, gt_cats, gt_crowd = gt
     for g, (box, cat) in enumerate(zip(gt_boxes * scale, gt_cats)):
         if match is None:
@@ -127,7 +134,7 @@ def draw_image(image, gt, dets, *, names: dict, colours: dict, scale: float, fon
             legend.setdefault("missed", [colour, ERROR_STYLE["missed"][1], True, 0])[3] += 1
         _dashed_rectangle(draw, box.tolist(), colour, max(1, width - 1) if text is None else width)
         if text is not None:
-            labels.append((box[0], box[3], text, colour, False))
+            gt_tags.append((box[0], box[3], text, colour, False))
     det_boxes, scores, det_cats = dets
     for d in sorted(range(len(scores)), key=lambda i: scores[i]):  # the best detections on top
         box, cat = det_boxes[d] * scale, det_cats[d]
@@ -143,9 +150,9 @@ def draw_image(image, gt, dets, *, names: dict, colours: dict, scale: float, fon
             text = f"{SHORT[kind]}: {text}"
             legend.setdefault(kind, [colour, ERROR_STYLE[kind][1], False, 0])[3] += 1
         draw.rectangle(box.tolist(), outline=colour, width=width)
-        labels.append((box[0], box[1], text, colour, True))
-    for x, y, text, colour, above in labels:
-        _label(draw, x, y, text, colour, font, above=above, image_size=image.size)
+        det_tags.append((box[0], box[1], text, colour, True))
+    # the best detections' tags first, then the lower ones, then the ground truth's
+    _place_labels(draw, det_tags[::-1] + gt_tags, font, image.size)
     return legend
 
 
