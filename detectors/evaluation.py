@@ -513,7 +513,7 @@ def plot_confusion_matrix(matrix: np.ndarray, rows: list[str], cols: list[str], 
         for i in range(n):
             for j in range(len(cols)):
                 if matrix[i, j]:
-                    ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=8 if n <= 12 else 6,
+                    ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=10 if n <= 8 else 8 if n <= 12 else 6,
                             color="white" if frac[i, j] > 0.5 else "black")
     heading = f"confusion matrix: IoU >= {iou_thr:g}, score >= {score_thr:g}"
     ax.set_title(f"{title}\n{heading}" if title else heading, fontsize=10)

@@ -16,6 +16,8 @@ env_cfg = dict(
 )
 # scalars.json under work_dir/<timestamp>/vis_data/ feeds tools/plot_curves.py
 visualizer = dict(type="Visualizer", vis_backends=[dict(type="LocalVisBackend")])
+# TensorBoard as well (pip install 'boxloss[tensorboard]'; event files beside scalars.json):
+# visualizer = dict(type="Visualizer", vis_backends=[dict(type="LocalVisBackend"), dict(type="TensorboardVisBackend")])
 log_processor = dict(window_size=50, by_epoch=True)
 log_level = "INFO"
 load_from = None
