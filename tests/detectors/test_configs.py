@@ -32,6 +32,9 @@ def test_top_level_configs_are_complete(path):
         # the torchvision recipe: 16 images per step on 8 GPUs, SGD with warm-up and steps at 8 and 11
         assert cfg.train_dataloader.batch_size * 8 == 16 and cfg.optim_wrapper.optimizer.type == "SGD"
         assert cfg.param_scheduler[0].type == "LinearLR" and cfg.param_scheduler[1].milestones == [8, 11]
+        # GPU input pipeline: pinned batches copied without blocking the host
+        assert cfg.train_dataloader.pin_memory and cfg.val_dataloader.pin_memory
+        assert cfg.model.data_preprocessor == dict(type="BaseDataPreprocessor", non_blocking=True)
 
 
 def test_missing_coco_data_names_the_file(tmp_path):

@@ -5,6 +5,7 @@ train_dataloader = dict(
     batch_size=2,  # per GPU: 8 GPUs x 2 = the recipe's 16
     num_workers=4,
     persistent_workers=True,
+    pin_memory=True,  # page-locked batches: the non_blocking copies of the data preprocessor
     sampler=dict(type="DefaultSampler", shuffle=True),
     collate_fn=dict(type="detection_collate"),
     dataset=dict(
@@ -21,6 +22,7 @@ val_dataloader = dict(
     batch_size=2,
     num_workers=4,
     persistent_workers=True,
+    pin_memory=True,
     drop_last=False,
     sampler=dict(type="DefaultSampler", shuffle=False),
     collate_fn=dict(type="detection_collate"),

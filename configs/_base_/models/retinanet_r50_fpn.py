@@ -6,10 +6,12 @@ model = dict(
     backbone="resnet50",
     box_loss="default",  # default | l1 | l2 | smooth_l1 | iou | giou | diou | ciou
     box_loss_weight=None,  # None: the documented default for this loss and head
-    nms="iou",  # iou | diou
+    nms="iou",  # iou | diou | soft | soft-diou | weighted
     nms_beta=1.0,
     weights=None,
     weights_backbone="IMAGENET1K_V1",  # torchvision's ImageNet weights (downloaded by torchvision)
     min_size=800,
     max_size=1333,
+    # host-to-device copies overlap compute (the loaders pin their batches)
+    data_preprocessor=dict(type="BaseDataPreprocessor", non_blocking=True),
 )
