@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import copy
 import glob
 import hashlib
 import io
@@ -217,10 +218,26 @@ def _diff_row(loss, pairs, nms, base_nms) -> str:
 # --------------------------------------------------------------------------- running
 
 
+# Keys that change how a run is carried out or logged, not what it computes: they stay out of the hash,
+# so that (say) turning on pinned memory does not make every finished run of a study look stale.
+_UNHASHED = ("work_dir", "visualizer", "log_processor", "log_level", "env_cfg", "default_hooks.logger",
+             "model.data_preprocessor.non_blocking", "train_dataloader.pin_memory",
+             "train_dataloader.num_workers", "train_dataloader.persistent_workers", "val_dataloader.pin_memory",
+             "val_dataloader.num_workers", "val_dataloader.persistent_workers", "test_dataloader.pin_memory",
+             "test_dataloader.num_workers", "test_dataloader.persistent_workers")
+
+
 def resolved_hash(cfg) -> str:
-    """A hash of everything that decides a run's result: the resolved config without its work dir."""
-    text = cfg.copy()
-    text.pop("work_dir", None)
+    """A hash of everything that decides a run's result: the resolved config without the keys that only
+    say where it runs, how fast, and how it logs (``_UNHASHED``)."""
+    text = copy.deepcopy(cfg)  # Config.copy is shallow: popping nested keys would edit the caller's
+    for key in _UNHASHED:
+        *parents, last = key.split(".")
+        node = text  # a Config at the top (not a dict), ConfigDicts below
+        for part in parents:
+            node = node.get(part) if node is not None else None
+        if node is not None and last in node:
+            node.pop(last)
     return hashlib.sha256(text.pretty_text.encode()).hexdigest()[:16]
 
 

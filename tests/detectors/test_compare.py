@@ -103,3 +103,20 @@ def test_finished_run_is_reused_only_with_the_same_resolved_config(tmp_path, mon
     other = compare.parse_args(argv + ["--cfg-options", "train_cfg.max_epochs=2"])
     with pytest.raises(OptionError, match="giou_seed0.json holds run giou_seed0 made with other options"):
         compare.run_one(other, "giou", 0)
+
+
+def test_hash_ignores_how_a_run_is_carried_out_but_not_what_it_computes(tmp_path):
+    cfg = _tiny(tmp_path)
+
+    def digest(**options):
+        loaded = compare.load_config(cfg, box_loss="giou", work_dir="x", cfg_options={"randomness.seed": 0, **options})
+        before = loaded.pretty_text
+        value = compare.resolved_hash(loaded)
+        assert loaded.pretty_text == before  # hashing must not edit the config it is given
+        return value
+
+    base = digest()
+    assert digest(**{"train_dataloader.pin_memory": True, "train_dataloader.num_workers": 3,
+                     "model.data_preprocessor.non_blocking": True, "log_level": "DEBUG"}) == base
+    assert digest(**{"randomness.seed": 1}) != base
+    assert digest(**{"optim_wrapper.optimizer.lr": 0.5}) != base
