@@ -1,7 +1,7 @@
 """Convergence simulation of bounding-box regression (the DIoU paper's Algorithm 1, Fig. 3(b), Fig. 4).
 
 Every anchor box is regressed to every target box by plain gradient steps on its ``(x, y, w, h)``,
-and the l1 error to the target is recorded at every iteration. The protocol (SPEC section 7):
+and the l1 error to the target is recorded at every iteration. The protocol (docs/simulation.md):
 
 * targets: 7 boxes of area 1 centred at (10, 10) with w:h = 1:4, 1:3, 1:2, 1:1, 2:1, 3:1, 4:1, i.e.
   ``(w, h) = (sqrt(r), 1 / sqrt(r))``;
@@ -28,7 +28,7 @@ Two direction modes:
     directly.
 
 ``"paper"``
-    The authors' hand-written directions, with which the published figure was made (SPEC section 7).
+    The authors' hand-written directions, with which the published figure was made.
     They are ascent directions of the IoU-family *metric* worked out on the edges
     ``(t, b, l, r) = (y - h/2, y + h/2, x - w/2, x + w/2)`` and mapped back with ``dx = dl + dr``,
     ``dw = dr - dl`` (likewise y, h), so w/h steps are twice the chain rule. GIoU keeps their
@@ -192,7 +192,6 @@ class _Chunk:
         self.lo_g, self.hi_g = self.pos_g - half_g, self.pos_g + half_g  # (l_g, t_g), (r_g, b_g)
         self.area_g = self.size_g[0] * self.size_g[1]
         self.atan_g = torch.atan(self.size_g[0] / self.size_g[1])  # the authors' atan(w_g / h_g)
-        self.atan_g_eps = torch.atan(self.size_g[0] / (self.size_g[1] + _EPS))  # the losses'
         self._buffers: dict[str, tuple[Tensor, tuple[Tensor, ...]]] = {}
         d = self.buf("d", 4)  # the direction, (x, y, w, h) rows, and its views
         self.d, self.d_pos, self.d_size = d, d[:2], d[2:]
@@ -357,9 +356,9 @@ def _exact_direction(loss: str, c: _Chunk) -> tuple[Tensor, Tensor]:
     * iou, L = 1 - I / U~: -dL = (dI (U~ + I) - I dX) / U~^2;
     * giou, + (C - U) / C~: -dL gains (dU C~ - dC U~) / C~^2 with dU = dX - dI;
     * diou, + rho^2 / c^2: -dL gains (-2 (x - x_g) c^2 + rho^2 2 C_w dC_w) / c^4;
-    * ciou, + alpha v with alpha held constant: -alpha dv/dw = alpha 8/pi^2 dtheta (h + eps) /
-      (w^2 + (h + eps)^2), -alpha dv/dh = -alpha 8/pi^2 dtheta w / (w^2 + (h + eps)^2) with
-      dtheta = atan(w_g / (h_g + eps)) - atan(w / (h + eps)) (``ciou_grad="exact"``, torchvision's);
+    * ciou, + alpha v with alpha held constant: -alpha dv/dw = alpha 8/pi^2 dtheta h / (w^2 + h^2),
+      -alpha dv/dh = -alpha 8/pi^2 dtheta w / (w^2 + h^2) with dtheta = atan(w_g / h_g) - atan(w / h)
+      (``ciou_grad="exact"``, torchvision's; the losses' atan2 angles, equal for positive sizes);
     * l1, l2, smooth_l1 (beta = 1) on e = (x, y, w, h) - (x_g, y_g, w_g, h_g): -sign(e), -2 e,
       -clamp(e / beta, -1, 1).
     """
@@ -426,13 +425,13 @@ def _exact_direction(loss: str, c: _Chunk) -> tuple[Tensor, Tensor]:
 
     # CIoU, boxes of positive size (the losses clamp w, h at 0 first)
     w = size_r[0]
-    h_eps = torch.add(size_r[1], _EPS, out=c.buf("h_eps", 1))
-    dtheta = torch.div(w, h_eps, out=c.buf("dtheta", 1)).atan_().neg_().add_(c.atan_g_eps)
+    h = size_r[1]
+    dtheta = torch.div(w, h, out=c.buf("dtheta", 1)).atan_().neg_().add_(c.atan_g)
     v = torch.mul(dtheta, dtheta, out=c.buf("v", 1)).mul_(_FOUR_OVER_PI2)
     alpha = v.div_(torch.sub(v, iou, out=inter).add_(1 + _EPS))
-    norm = torch.mul(w, w, out=c.buf("norm", 1)).addcmul_(h_eps, h_eps)  # w^2 + (h + eps)^2
+    norm = torch.mul(w, w, out=c.buf("norm", 1)).addcmul_(h, h)  # w^2 + h^2
     k = alpha.mul_(dtheta).mul_(_EIGHT_OVER_PI2).div_(norm)
-    d_size_r[0].addcmul_(k, h_eps)
+    d_size_r[0].addcmul_(k, h)
     d_size_r[1].addcmul_(k, w, value=-1)
     return d, iou
 

@@ -1,4 +1,4 @@
-"""The DIoU paper's convergence simulation (SPEC section 7): 1,715,000 regression cases per loss.
+"""The DIoU paper's convergence simulation (docs/simulation.md): 1,715,000 regression cases per loss.
 
     python tools/simulate.py --losses iou giou diou ciou --mode paper --out docs/sim/paper
     python tools/simulate.py --losses iou giou diou ciou l1 l2 smooth_l1 --mode exact --out docs/sim/exact

@@ -1,7 +1,6 @@
 """Helpers shared by the recognition losses: input checks, reduction, distances.
 
-Written once here so every loss validates and reduces the same way (see STYLE.md, "Where things
-go"). Nothing in this module is public API.
+Written once here so every loss validates and reduces the same way. Nothing in this module is public API.
 """
 
 from __future__ import annotations
@@ -84,7 +83,7 @@ def _check_positive(value: float, name: str) -> None:
 
 
 def _upcast(x: Tensor) -> Tensor:
-    """float16/bfloat16 -> float32 (SPEC §3: half inputs are computed and returned in float32)."""
+    """float16/bfloat16 -> float32 (half inputs are computed and returned in float32, as the box losses do)."""
     if x.dtype in (torch.float16, torch.bfloat16):
         return x.float()
     return x

@@ -3,7 +3,7 @@ import sys
 
 
 def test_boxloss_imports_with_torch_only():
-    """boxloss and its subpackages import without torchvision, mmengine, matplotlib or sklearn (SPEC §2)."""
+    """boxloss and its subpackages import without torchvision, mmengine, matplotlib or sklearn: it depends on torch only."""
     code = (
         "import sys\n"
         "class Block:\n"
