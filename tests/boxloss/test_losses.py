@@ -18,6 +18,19 @@ ALL = {
     "giou": boxloss.giou_loss,
     "diou": boxloss.diou_loss,
     "ciou": boxloss.ciou_loss,
+    "eiou": boxloss.eiou_loss,
+    "siou": boxloss.siou_loss,
+    "alpha_iou": boxloss.alpha_iou_loss,
+    "wise_iou": boxloss.wise_iou_loss,
+    "mpdiou": boxloss.mpdiou_loss,
+}
+# options a loss cannot do without (MPDIoU normalises by the image's size)
+REQUIRED = {"mpdiou": {"image_size": (480.0, 640.0)}}
+MODULES = {
+    "l1": boxloss.L1Loss, "l2": boxloss.L2Loss, "smooth_l1": boxloss.SmoothL1Loss, "iou": boxloss.IoULoss,
+    "giou": boxloss.GIoULoss, "diou": boxloss.DIoULoss, "ciou": boxloss.CIoULoss, "eiou": boxloss.EIoULoss,
+    "siou": boxloss.SIoULoss, "alpha_iou": boxloss.AlphaIoULoss, "wise_iou": boxloss.WiseIoULoss,
+    "mpdiou": boxloss.MPDIoULoss,
 }
 TORCHVISION = {
     "giou": tv.generalized_box_iou_loss,
@@ -180,10 +193,19 @@ def test_ciou_gated_alpha():
 # ---------------------------------------------------------------- 4. contract over every loss
 
 
+def loss_fn(name):
+    """The loss ``name`` with the options it requires bound."""
+    return boxloss.get_loss(name, **REQUIRED.get(name, {}))
+
+
+def test_every_name_is_covered():
+    assert set(ALL) == set(MODULES) == set(boxloss.LOSS_NAMES)
+
+
 @pytest.mark.parametrize("name", list(ALL))
 class TestContract:
     def test_reductions_and_weights(self, name):
-        fn = ALL[name]
+        fn = loss_fn(name)
         pred, target = box_pairs(50, seed=11, dtype=torch.float64)
         none = fn(pred, target, reduction="none")
         assert none.shape == (50,)
@@ -205,7 +227,7 @@ class TestContract:
             torch.testing.assert_close(fn(pred, target, weight=w4, reduction="none"), none * w4.mean(-1))
 
     def test_bad_arguments(self, name):
-        fn = ALL[name]
+        fn = loss_fn(name)
         pred, target = box_pairs(5, seed=0)
         with pytest.raises(ValueError, match=r"reduction must be 'none', 'mean' or 'sum', got 'avg'"):
             fn(pred, target, reduction="avg")
@@ -223,7 +245,7 @@ class TestContract:
             fn([[0, 0, 1, 1]], target)
 
     def test_empty_input(self, name):
-        fn = ALL[name]
+        fn = loss_fn(name)
         pred = torch.zeros(0, 4, requires_grad=True)
         loss = fn(pred, torch.zeros(0, 4))
         assert loss.item() == 0.0 and loss.requires_grad
@@ -234,7 +256,7 @@ class TestContract:
 
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
     def test_half_precision(self, name, dtype):
-        fn = ALL[name]
+        fn = loss_fn(name)
         pred, target = box_pairs(100, seed=2)
         ref = fn(pred, target, reduction="none")
         pred_h = pred.to(dtype).requires_grad_()
@@ -248,7 +270,7 @@ class TestContract:
         assert pred_h.grad.dtype == dtype and torch.isfinite(pred_h.grad.float()).all()
 
     def test_degenerate_boxes_are_finite(self, name):
-        fn = ALL[name]
+        fn = loss_fn(name)
         pred, target = degenerate_pairs()
         pred.requires_grad_()
         target.requires_grad_()
@@ -259,23 +281,24 @@ class TestContract:
 
     def test_identical_boxes_give_zero(self, name):
         pred, _ = box_pairs(20, seed=4, dtype=torch.float64)
-        assert ALL[name](pred, pred.clone(), reduction="none").abs().max() < 1e-6
+        assert loss_fn(name)(pred, pred.clone(), reduction="none").abs().max() < 1e-6
 
     def test_get_loss_and_module(self, name):
         pred, target = box_pairs(20, seed=9)
-        fn = boxloss.get_loss(name, reduction="sum")
-        torch.testing.assert_close(fn(pred, target), ALL[name](pred, target, reduction="sum"))
-        module_cls = {
-            "l1": boxloss.L1Loss, "l2": boxloss.L2Loss, "smooth_l1": boxloss.SmoothL1Loss,
-            "iou": boxloss.IoULoss, "giou": boxloss.GIoULoss, "diou": boxloss.DIoULoss, "ciou": boxloss.CIoULoss,
-        }[name]
-        module = module_cls(reduction="sum", loss_weight=2.0)
-        torch.testing.assert_close(module(pred, target), 2.0 * ALL[name](pred, target, reduction="sum"))
+        required = REQUIRED.get(name, {})
+        fn = boxloss.get_loss(name, reduction="sum", **required)
+        torch.testing.assert_close(fn(pred, target), ALL[name](pred, target, reduction="sum", **required))
+        module = MODULES[name](reduction="sum", loss_weight=2.0, **required)
+        got = module(pred, target)
+        # Wise-IoU's module is relative to its running mean (updated by the call), not the batch mean
+        options = {"iou_mean": module.iou_mean} if name == "wise_iou" else {}
+        torch.testing.assert_close(got, 2.0 * ALL[name](pred, target, reduction="sum", **required, **options))
         assert "loss_weight=2.0" in repr(module)
 
 
 def test_get_loss_errors():
-    with pytest.raises(ValueError, match="unknown loss name 'ciuo'; valid names: l1, l2, smooth_l1, iou, giou, diou, ciou"):
+    with pytest.raises(ValueError, match="unknown loss name 'ciuo'; valid names: l1, l2, smooth_l1, iou, giou, diou, "
+                                         "ciou, eiou, siou, alpha_iou, wise_iou, mpdiou"):
         boxloss.get_loss("ciuo")
     with pytest.raises(TypeError, match="unexpected option 'beta'"):
         boxloss.get_loss("giou", beta=1.0)

@@ -24,6 +24,12 @@ NATIVE = pytest.param(
     "native", marks=pytest.mark.skipif(not _kernels.native_available(), reason="boxloss._native is not built")
 )
 BACKENDS = [NATIVE, "eager"]
+# options a loss cannot do without (MPDIoU normalises by the image's size)
+REQUIRED = {"mpdiou": {"image_size": (480.0, 640.0)}}
+
+
+def get_loss(name, **options):
+    return boxloss.get_loss(name, **REQUIRED.get(name, {}), **options)
 
 
 def value_and_grads(fn, pred, target):
@@ -49,7 +55,7 @@ def reference(kind):
 @pytest.mark.parametrize("avg_factor", [0, 0.0, torch.tensor(0.0)], ids=["int", "float", "tensor"])
 def test_avg_factor_zero_gives_zero_not_nan(name, avg_factor):
     """No positive anchors and num_pos passed unclamped: the loss is 0 with zero gradients (MMDetection)."""
-    fn = boxloss.get_loss(name)
+    fn = get_loss(name)
     # an empty batch
     pred = torch.zeros(0, 4, requires_grad=True)
     loss = fn(pred, torch.zeros(0, 4), avg_factor=avg_factor)
@@ -68,14 +74,16 @@ def test_avg_factor_zero_gives_zero_not_nan(name, avg_factor):
 @pytest.mark.parametrize("name", boxloss.LOSS_NAMES)
 def test_avg_factor_divides_by_avg_factor_plus_float32_eps(name):
     """sum / (avg_factor + finfo(float32).eps), as MMDetection: ordinary factors change only by rounding."""
-    fn = boxloss.get_loss(name)
+    fn = get_loss(name)
     p, t = box_pairs(50, seed=2, dtype=torch.float64)
     total = fn(p, t, reduction="sum")
     torch.testing.assert_close(fn(p, t, avg_factor=7.0), total / (7.0 + AVG_EPS), rtol=1e-15, atol=0)
     torch.testing.assert_close(fn(p, t, avg_factor=7.0), total / 7.0, rtol=1e-7, atol=0)
     module = {"l1": boxloss.L1Loss, "l2": boxloss.L2Loss, "smooth_l1": boxloss.SmoothL1Loss,
               "iou": boxloss.IoULoss, "giou": boxloss.GIoULoss, "diou": boxloss.DIoULoss,
-              "ciou": boxloss.CIoULoss}[name]()
+              "ciou": boxloss.CIoULoss, "eiou": boxloss.EIoULoss, "siou": boxloss.SIoULoss,
+              "alpha_iou": boxloss.AlphaIoULoss, "wise_iou": boxloss.WiseIoULoss,
+              "mpdiou": boxloss.MPDIoULoss}[name](**REQUIRED.get(name, {}))
     assert module(p[:0], t[:0], avg_factor=0).item() == 0.0
 
 
@@ -224,7 +232,7 @@ def test_log_iou_loss_values_and_gradient_unchanged_below_one(backend):
 def test_eps_must_be_positive(name, eps):
     p, t = box_pairs(5, seed=5)
     with pytest.raises(ValueError, match=rf"eps must be a finite number > 0, got {eps!r}"):
-        boxloss.get_loss(name)(p, t, eps=eps)
+        get_loss(name)(p, t, eps=eps)
 
 
 @pytest.mark.parametrize(
@@ -248,7 +256,7 @@ def test_eps_must_be_positive_in_metrics_and_kernel(fn):
 @pytest.mark.parametrize("name", boxloss.LOSS_NAMES)
 def test_identical_empty_boxes_are_finite_at_the_smallest_eps(name):
     empty = torch.tensor([[1.0, 1.0, 1.0, 1.0]], requires_grad=True)
-    loss = boxloss.get_loss(name)(empty, empty.detach().clone(), eps=1e-38)
+    loss = get_loss(name)(empty, empty.detach().clone(), eps=1e-38)
     (g,) = torch.autograd.grad(loss, empty)
     assert torch.isfinite(loss) and torch.isfinite(g).all()
 
