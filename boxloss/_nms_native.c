@@ -20,7 +20,9 @@
 #define SMALL_SEGMENT 24  /* up to this many valid boxes: each against the kept list, no sort */
 #define INSERTION_SORT 32 /* radix_sort below this many keys: insertion sort */
 #define GRID_FACTOR 0.25     /* grid cells of about this x the mean box size max(w, h) (measured: 0.25-0.5 best) */
-#define GRID_EXTRA_CELLS 64  /* a segment's grid has at most 2 V + this many cells */
+#define GRID_EXTRA_CELLS 16  /* a level's grid has at most 2 count + this many cells */
+#define MAX_LEVELS 32        /* size levels per category; a wider range of sizes shares levels */
+#define LEVELS_MIN_BOXES 2048 /* fewer valid boxes in a category: one level (measured: levels pay from ~5,000) */
 
 enum { POW_NONE, POW_SQRT, POW_SQUARE, POW_CUBE, POW_GENERAL };
 enum { SOFT_LINEAR, SOFT_GAUSSIAN };
@@ -208,6 +210,84 @@ static inline int64_t grid_cell(double u, double inv, int64_t n) {
 static inline int64_t grid_cell_x(const struct grid *g, double x) { return grid_cell(x - g->x0, g->inv, g->nx); }
 static inline int64_t grid_cell_y(const struct grid *g, double y) { return grid_cell(y - g->y0, g->inv, g->ny); }
 
+/* Size levels: a box of size M = max(w, h) has exponent ilogb(M) (M in [2^e, 2^(e+1))); levels
+ * group `step` consecutive exponents from `lo`, so that there are at most MAX_LEVELS. */
+struct level {
+    struct grid g;
+    int64_t base, count;          /* first cell id; boxes */
+    double size_sum, x0, y0, xm, ym; /* sum of M; extent of the corners (x1, y1) */
+    double max_w, max_h;          /* widest and highest box */
+};
+
+struct levels {
+    int lo, step, n;
+    struct level lv[MAX_LEVELS];
+};
+
+/* ilogb(m) for 0 < m < inf, from the bits (libm's ilogb is a call) */
+static inline int exponent_of(double m) {
+    uint64_t u;
+    memcpy(&u, &m, 8);
+    int e = (int)((u >> 52) & 0x7ff);
+    return e ? e - 1023 : ilogb(m); /* subnormal: rare */
+}
+
+static inline int size_exponent(double w, double h) {
+    double m = w > h ? w : h;
+    return m > 0 && m < INFINITY ? exponent_of(m) : 0; /* (valid boxes: 0 < m < inf) */
+}
+
+static void levels_init(struct levels *L, int emin, int emax) {
+    int range = emax - emin + 1;
+    L->lo = emin;
+    L->step = (range + MAX_LEVELS - 1) / MAX_LEVELS;
+    L->n = (range + L->step - 1) / L->step;
+    for (int g = 0; g < L->n; g++)
+        L->lv[g] = (struct level){{0, 0, 0, 1, 1}, 0, 0, 0, INFINITY, INFINITY, -INFINITY, -INFINITY, 0, 0};
+}
+
+static inline int levels_index(const struct levels *L, int e) {
+    int d = e - L->lo;
+    if (d < 0)
+        return 0;
+    d /= L->step;
+    return d < L->n ? d : L->n - 1;
+}
+
+/* the level of a box of size m; monotone in m */
+static inline int levels_of_size(const struct levels *L, double m) {
+    if (!(m > 0))
+        return 0;
+    if (!(m < INFINITY))
+        return L->n - 1;
+    return levels_index(L, exponent_of(m));
+}
+
+static inline void level_add(struct level *l, double x1, double y1, double x2, double y2) {
+    double w = x2 - x1, h = y2 - y1;
+    l->count++;
+    l->size_sum += w > h ? w : h;
+    l->x0 = x1 < l->x0 ? x1 : l->x0, l->xm = x1 > l->xm ? x1 : l->xm;
+    l->y0 = y1 < l->y0 ? y1 : l->y0, l->ym = y1 > l->ym ? y1 : l->ym;
+    l->max_w = w > l->max_w ? w : l->max_w;
+    l->max_h = h > l->max_h ? h : l->max_h;
+}
+
+/* The grid of every level with boxes; returns the number of cells of all levels. */
+static int64_t levels_grids(struct levels *L) {
+    int64_t base = 0;
+    for (int g = 0; g < L->n; g++) {
+        struct level *l = &L->lv[g];
+        l->base = base;
+        if (l->count == 0)
+            continue;
+        grid_init(&l->g, l->x0, l->y0, l->xm - l->x0, l->ym - l->y0, GRID_FACTOR * l->size_sum / (double)l->count,
+                  2.0 * (double)l->count + GRID_EXTRA_CELLS);
+        base += l->g.nx * l->g.ny;
+    }
+    return base;
+}
+
 /* ------------------------------------------------------------------------------ Soft-NMS helpers */
 
 static inline double score_at(const void *scores, int bits, int64_t i) {
@@ -223,76 +303,74 @@ static inline double decay(const struct soft_job *job, double o) {
     return o >= job->iou_threshold ? 1.0 - o : 1.0;
 }
 
-/* max-heap of candidate scores: higher score first, equal scores by lower index */
-struct heap_entry {
-    double s;
-    int32_t l, version;
+/* Indexed max-heap of the remaining boxes of a category by current score (equal scores: lower
+ * index first); a decayed score moves its box down in place, so the heap never holds stale entries. */
+struct iheap {
+    int32_t *h;      /* heap of category-local indices */
+    int32_t *pos;    /* local index -> heap position, -1 when out */
+    const double *s; /* current scores */
+    int64_t size;
 };
 
-struct heap {
-    struct heap_entry *e;
-    int64_t size, cap;
-};
-
-static inline int heap_before(const struct heap_entry *a, const struct heap_entry *b) {
-    return a->s > b->s || (a->s == b->s && a->l < b->l);
+static inline int ih_before(const struct iheap *H, int32_t a, int32_t b) {
+    return H->s[a] > H->s[b] || (H->s[a] == H->s[b] && a < b);
 }
 
-static int heap_reserve(struct heap *h, int64_t cap) {
-    if (cap <= h->cap)
-        return 0;
-    if (cap < 16)
-        cap = 16;
-    struct heap_entry *e = realloc(h->e, (size_t)cap * sizeof *e);
-    if (!e)
-        return -1;
-    h->e = e;
-    h->cap = cap;
-    return 0;
-}
-
-static void heap_sift_down(struct heap *h, int64_t i) {
-    struct heap_entry x = h->e[i];
+static void ih_sift_down(struct iheap *H, int64_t i) {
+    int32_t x = H->h[i];
     for (;;) {
         int64_t c = 2 * i + 1;
-        if (c >= h->size)
+        if (c >= H->size)
             break;
-        if (c + 1 < h->size && heap_before(&h->e[c + 1], &h->e[c]))
+        if (c + 1 < H->size && ih_before(H, H->h[c + 1], H->h[c]))
             c++;
-        if (!heap_before(&h->e[c], &x))
+        if (!ih_before(H, H->h[c], x))
             break;
-        h->e[i] = h->e[c];
+        H->h[i] = H->h[c];
+        H->pos[H->h[i]] = (int32_t)i;
         i = c;
     }
-    h->e[i] = x;
+    H->h[i] = x;
+    H->pos[x] = (int32_t)i;
 }
 
-static void heap_build(struct heap *h) {
-    for (int64_t i = h->size / 2 - 1; i >= 0; i--)
-        heap_sift_down(h, i);
-}
-
-static struct heap_entry heap_pop(struct heap *h) {
-    struct heap_entry top = h->e[0];
-    h->e[0] = h->e[--h->size];
-    if (h->size > 0)
-        heap_sift_down(h, 0);
-    return top;
-}
-
-static int heap_push(struct heap *h, struct heap_entry x) {
-    if (h->size == h->cap && heap_reserve(h, 2 * h->cap) < 0)
-        return -1;
-    int64_t i = h->size++;
+static void ih_sift_up(struct iheap *H, int64_t i) {
+    int32_t x = H->h[i];
     while (i > 0) {
         int64_t p = (i - 1) / 2;
-        if (!heap_before(&x, &h->e[p]))
+        if (!ih_before(H, x, H->h[p]))
             break;
-        h->e[i] = h->e[p];
+        H->h[i] = H->h[p];
+        H->pos[H->h[i]] = (int32_t)i;
         i = p;
     }
-    h->e[i] = x;
-    return 0;
+    H->h[i] = x;
+    H->pos[x] = (int32_t)i;
+}
+
+static void ih_build(struct iheap *H) {
+    for (int64_t i = 0; i < H->size; i++)
+        H->pos[H->h[i]] = (int32_t)i;
+    for (int64_t i = H->size / 2 - 1; i >= 0; i--)
+        ih_sift_down(H, i);
+}
+
+/* after the score of l changed, in either direction */
+static void ih_update(struct iheap *H, int32_t l) {
+    ih_sift_down(H, H->pos[l]);
+    ih_sift_up(H, H->pos[l]);
+}
+
+static void ih_remove(struct iheap *H, int32_t l) {
+    int64_t i = H->pos[l];
+    int32_t last = H->h[--H->size];
+    H->pos[l] = -1;
+    if (i < H->size) {
+        H->h[i] = last;
+        H->pos[last] = (int32_t)i;
+        ih_sift_down(H, i);
+        ih_sift_up(H, H->pos[last]);
+    }
 }
 
 /* ------------------------------------------------------------------------------ the kernels */
@@ -398,11 +476,20 @@ done:
     return rc;
 }
 
-static int by_score_then_index(const void *a, const void *b) {
-    const double *x = a, *y = b; /* (score, index) pairs */
-    if (x[0] != y[0])
-        return x[0] > y[0] ? -1 : 1;
-    return x[1] < y[1] ? -1 : (x[1] > y[1]);
+/* A selection of one category's run, ordered for the merge of all categories' runs. */
+struct merge_key {
+    double s;        /* the key's score ... */
+    int64_t i;       /* ... and index: the lowest (score desc, index asc) key of the run so far */
+    int64_t pos;     /* position in the category's run (and in the output) */
+};
+
+static int by_merge_key(const void *a, const void *b) {
+    const struct merge_key *x = a, *y = b;
+    if (x->s != y->s)
+        return x->s > y->s ? -1 : 1;
+    if (x->i != y->i)
+        return x->i < y->i ? -1 : 1;
+    return x->pos < y->pos ? -1 : (x->pos > y->pos);
 }
 
 static int soft_call(struct soft_job *job, int dtype, const int64_t *cls, int64_t *keep, double *out_scores,
@@ -422,21 +509,34 @@ static int soft_call(struct soft_job *job, int dtype, const int64_t *cls, int64_
     if ((dtype == 32 ? soft_run_f32(job, keep, out_scores, n_keep) : soft_run_f64(job, keep, out_scores, n_keep)) < 0)
         goto done;
     if (job->n_segments > 1 && *n_keep > 1) {
-        /* categories never interact: the order of one run over all of them is the merge of the
-         * categories' selections by (score at selection desc, index), each already in that order */
-        double *pairs = malloc((size_t)*n_keep * 2 * sizeof(double));
-        if (!pairs)
+        /* Categories never interact, so one run over all of them selects, at each step, the best
+         * next selection of any category: the merge of the categories' runs that always takes the
+         * best head. A run's keys (score at selection desc, index) decrease, except where a decay
+         * raised a negative score; the merge then takes an element with the lowest key of its run
+         * so far, so ordering by that running minimum (then by position) is the merge. */
+        struct merge_key *mk = malloc((size_t)*n_keep * sizeof *mk);
+        double *sc = malloc((size_t)*n_keep * sizeof(double));
+        int64_t *ix = malloc((size_t)*n_keep * sizeof(int64_t));
+        if (!mk || !sc || !ix) {
+            free(mk), free(sc), free(ix);
             goto done;
-        for (int64_t i = 0; i < *n_keep; i++) {
-            pairs[2 * i] = out_scores[i];
-            pairs[2 * i + 1] = (double)keep[i]; /* exact: n < 2^31 */
         }
-        qsort(pairs, (size_t)*n_keep, 2 * sizeof(double), by_score_then_index);
         for (int64_t i = 0; i < *n_keep; i++) {
-            out_scores[i] = pairs[2 * i];
-            keep[i] = (int64_t)pairs[2 * i + 1];
+            double si = out_scores[i];
+            int64_t ii = keep[i];
+            int new_run = i == 0 || cls[ii] != cls[keep[i - 1]]; /* each category's run is contiguous */
+            if (new_run || si < mk[i - 1].s || (si == mk[i - 1].s && ii > mk[i - 1].i))
+                mk[i] = (struct merge_key){si, ii, i};
+            else
+                mk[i] = (struct merge_key){mk[i - 1].s, mk[i - 1].i, i};
+            sc[i] = si, ix[i] = ii;
         }
-        free(pairs);
+        qsort(mk, (size_t)*n_keep, sizeof *mk, by_merge_key);
+        for (int64_t i = 0; i < *n_keep; i++) {
+            out_scores[i] = sc[mk[i].pos];
+            keep[i] = ix[mk[i].pos];
+        }
+        free(mk), free(sc), free(ix);
     }
     rc = 0;
 done:

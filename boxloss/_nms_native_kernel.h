@@ -66,22 +66,25 @@ static inline REAL F(value)(const REAL *a, REAL a_area, const REAL *b, REAL b_ar
     return iou - r;
 }
 
-/* The valid boxes of a segment in rank order (l*), and by cell of a uniform grid over their corners
- * (x1, y1) (s*): cells in row-major order, so the cells of one grid row that a query window covers
- * are one contiguous run of positions, whose kept (alive) boxes are the set bits of that run. */
+/* The valid boxes of a segment in rank order (l*), and by cell (s*). Boxes are split into size levels
+ * (powers of two of max(w, h)), each with a uniform grid over the corners (x1, y1) of its boxes;
+ * cells are numbered level by level, row-major, so the cells of one grid row that a query window
+ * covers are one contiguous run of positions, whose kept (alive) boxes are the set bits of that
+ * run. A level's own widths bound how far left of a box its boxes can start. */
 struct F(seg) {
     REAL *lb, *la; /* [V, 4], [V] rank order */
     REAL *sb, *sa; /* [V, 4], [V] by cell */
     int32_t *lp;   /* local -> the caller's position (rank position, or index for Soft-NMS) */
     int32_t *pos_of, *srank; /* local -> position by cell, and back */
+    int32_t *level_of; /* local -> size level */
     int32_t *cell_of, *cell_start, *cursor; /* [V], [cells + 1], [cells] */
     uint64_t *bits;
     int32_t *klist;
-    struct grid g;
+    struct levels lv;
 };
 
 static int F(seg_alloc)(struct F(seg) *s, int64_t n) {
-    size_t nn = (size_t)(n > 0 ? n : 1), cells = 2 * nn + GRID_EXTRA_CELLS + 1;
+    size_t nn = (size_t)(n > 0 ? n : 1), cells = 2 * nn + MAX_LEVELS * GRID_EXTRA_CELLS + 1;
     memset(s, 0, sizeof *s);
     s->lb = malloc(nn * 4 * sizeof(REAL));
     s->la = malloc(nn * sizeof(REAL));
@@ -90,35 +93,47 @@ static int F(seg_alloc)(struct F(seg) *s, int64_t n) {
     s->lp = malloc(nn * sizeof(int32_t));
     s->pos_of = malloc(nn * sizeof(int32_t));
     s->srank = malloc(nn * sizeof(int32_t));
+    s->level_of = malloc(nn * sizeof(int32_t));
     s->klist = malloc(nn * sizeof(int32_t));
     s->cell_of = malloc(nn * sizeof(int32_t));
     s->cell_start = malloc(cells * sizeof(int32_t));
     s->cursor = malloc(cells * sizeof(int32_t));
     s->bits = malloc(((nn + 63) / 64) * sizeof(uint64_t));
-    return s->lb && s->la && s->sb && s->sa && s->lp && s->pos_of && s->srank && s->klist && s->cell_of &&
-           s->cell_start && s->cursor && s->bits;
+    return s->lb && s->la && s->sb && s->sa && s->lp && s->pos_of && s->srank && s->level_of && s->klist &&
+           s->cell_of && s->cell_start && s->cursor && s->bits;
 }
 
 static void F(seg_free)(struct F(seg) *s) {
     free(s->lb), free(s->la), free(s->sb), free(s->sa), free(s->lp), free(s->pos_of), free(s->srank);
-    free(s->klist), free(s->cell_of), free(s->cell_start), free(s->cursor), free(s->bits);
+    free(s->level_of), free(s->klist), free(s->cell_of), free(s->cell_start), free(s->cursor), free(s->bits);
 }
 
-/* Grid over the corners of the v valid boxes of s (cells of about GRID_FACTOR x their mean size
- * max(w, h), at most 2 v + GRID_EXTRA_CELLS of them); counting-sorts the boxes by cell into sb, sa,
- * pos_of, srank; clears the bitset. */
-static void F(seg_grid)(struct F(seg) *s, int64_t v, double size_sum) {
-    double x0 = INFINITY, y0 = INFINITY, xm = -INFINITY, ym = -INFINITY;
-    for (int64_t i = 0; i < v; i++) {
-        double x = s->lb[4 * i], y = s->lb[4 * i + 1];
-        x0 = x < x0 ? x : x0, xm = x > xm ? x : xm;
-        y0 = y < y0 ? y : y0, ym = y > ym ? y : ym;
+/* Levels and grids of the v valid boxes of s (cells of about GRID_FACTOR x the level's mean box size,
+ * at most 2 count + GRID_EXTRA_CELLS per level; one level below LEVELS_MIN_BOXES boxes, where the
+ * extra windows per query cost more than the candidates they save); counting-sorts the boxes by
+ * cell into sb, sa, pos_of, srank; clears the bitset. */
+static void F(seg_grid)(struct F(seg) *s, int64_t v) {
+    struct levels *L = &s->lv;
+    int emin = 0, emax = 0;
+    for (int64_t i = 0; v >= LEVELS_MIN_BOXES && i < v; i++) {
+        const REAL *b = s->lb + 4 * i;
+        int e = size_exponent((double)b[2] - (double)b[0], (double)b[3] - (double)b[1]);
+        s->level_of[i] = e;
+        emin = i == 0 || e < emin ? e : emin;
+        emax = i == 0 || e > emax ? e : emax;
     }
-    grid_init(&s->g, x0, y0, xm - x0, ym - y0, GRID_FACTOR * size_sum / (double)v, 2.0 * (double)v + GRID_EXTRA_CELLS);
-    int64_t cells = s->g.nx * s->g.ny;
+    levels_init(L, emin, emax);
+    for (int64_t i = 0; i < v; i++) {
+        const REAL *b = s->lb + 4 * i;
+        int g = L->n > 1 ? levels_index(L, s->level_of[i]) : 0;
+        s->level_of[i] = g;
+        level_add(&L->lv[g], b[0], b[1], b[2], b[3]);
+    }
+    int64_t cells = levels_grids(L);
     memset(s->cell_start, 0, (size_t)(cells + 1) * sizeof(int32_t));
     for (int64_t i = 0; i < v; i++) {
-        int64_t c = grid_cell_y(&s->g, s->lb[4 * i + 1]) * s->g.nx + grid_cell_x(&s->g, s->lb[4 * i]);
+        const struct level *l = &L->lv[s->level_of[i]];
+        int64_t c = l->base + grid_cell_y(&l->g, s->lb[4 * i + 1]) * l->g.nx + grid_cell_x(&l->g, s->lb[4 * i]);
         s->cell_of[i] = (int32_t)c;
         s->cell_start[c + 1]++;
     }
@@ -146,7 +161,7 @@ static void F(greedy_segment)(const struct nms_job *job, struct F(seg) *s, const
     uint8_t *kept = job->kept;
     int32_t *owner = job->owner;
     int64_t v = 0;
-    double min_area = INFINITY, size_sum = 0;
+    double min_area = INFINITY;
     for (int64_t i = 0; i < m; i++) {
         int32_t p = P[i];
         const REAL *b = boxes + 4 * (int64_t)job->rank[p];
@@ -157,8 +172,6 @@ static void F(greedy_segment)(const struct nms_job *job, struct F(seg) *s, const
             s->lp[v] = p;
             if ((double)a < min_area)
                 min_area = a;
-            double w = (double)b[2] - (double)b[0], h = (double)b[3] - (double)b[1];
-            size_sum += w > h ? w : h;
             v++;
         } else { /* zero or non-finite area: IoU 0 or NaN with every box, never suppresses or is suppressed */
             kept[p] = 1;
@@ -200,41 +213,55 @@ static void F(greedy_segment)(const struct nms_job *job, struct F(seg) *s, const
     double tp = t * (1 - PRUNE_SLACK);
     if (t < 0x1p-20 || min_area < (sizeof(REAL) == 8 ? 0x1p-900 : 0x1p-100))
         tp = 0;
-    F(seg_grid)(s, v, size_sum);
-    const struct grid *g = &s->g;
+    F(seg_grid)(s, v);
+    const struct levels *L = &s->lv;
     uint64_t *bits = s->bits;
-    double max_w = 0, max_h = 0; /* over the kept boxes */
+    double kept_w[MAX_LEVELS] = {0}, kept_h[MAX_LEVELS] = {0}; /* widest kept box per level (0: none) */
     for (int64_t i = 0; i < v; i++) {
         int64_t pos = s->pos_of[i];
         const REAL *q = s->sb + 4 * pos;
         REAL qa = s->sa[pos];
         double qx1 = q[0], qy1 = q[1], qx2 = q[2], qy2 = q[3], wq = qx2 - qx1, hq = qy2 - qy1;
-        double reach_x = max_w, reach_y = max_h;
-        if (tp > 0 && wq / tp < reach_x)
-            reach_x = wq / tp;
-        if (tp > 0 && hq / tp < reach_y)
-            reach_y = hq / tp;
-        double sx = (fabs(qx1) + fabs(qx2) + reach_x) * 0x1p-40, sy = (fabs(qy1) + fabs(qy2) + reach_y) * 0x1p-40;
-        int64_t cx0 = grid_cell_x(g, qx1 - (1 - tp) * reach_x - sx), cx1 = grid_cell_x(g, qx2 - tp * wq + sx);
-        int64_t cy0 = grid_cell_y(g, qy1 - (1 - tp) * reach_y - sy), cy1 = grid_cell_y(g, qy2 - tp * hq + sy);
+        int g0 = 0, g1 = L->n - 1;
+        if (tp > 0 && g1 > 0) { /* IoU > t' also bounds the size: t' max(w_q, h_q) < max(w_k, h_k) < max(w_q, h_q) / t' */
+            double mq = wq > hq ? wq : hq;
+            g0 = levels_of_size(L, tp * mq * (1 - 0x1p-40));
+            g1 = levels_of_size(L, mq / tp * (1 + 0x1p-40));
+        }
         int32_t found = -1; /* local rank of the suppressing kept box */
-        for (int64_t cy = cy0; cy <= cy1; cy++) {
-            int64_t plo = s->cell_start[cy * g->nx + cx0], phi = s->cell_start[cy * g->nx + cx1 + 1];
-            for (int64_t w = plo >> 6; plo < phi && w <= (phi - 1) >> 6; w++) {
-                uint64_t word = bits[w];
-                if (w == plo >> 6)
-                    word &= ~0ULL << (plo & 63);
-                if (w == (phi - 1) >> 6)
-                    word &= ~0ULL >> (63 - ((phi - 1) & 63));
-                while (word) {
-                    int64_t k = (w << 6) | __builtin_ctzll(word);
-                    word &= word - 1;
-                    const REAL *kb = s->sb + 4 * k;
-                    if (kb[0] < q[2] && kb[2] > q[0] && kb[1] < q[3] && kb[3] > q[1] &&
-                        (found < 0 || s->srank[k] < found) && (double)F(value)(kb, s->sa[k], q, qa, vp, 0) > t) {
-                        found = s->srank[k];
-                        if (!owner)
-                            goto decided; /* any suppressor will do */
+        for (int gi = g0; gi <= g1; gi++) {
+            if (kept_w[gi] == 0)
+                continue;
+            const struct level *l = &L->lv[gi];
+            double reach_x = kept_w[gi], reach_y = kept_h[gi];
+            if (tp > 0 && wq / tp < reach_x)
+                reach_x = wq / tp;
+            if (tp > 0 && hq / tp < reach_y)
+                reach_y = hq / tp;
+            double sx = (fabs(qx1) + fabs(qx2) + reach_x) * 0x1p-40, sy = (fabs(qy1) + fabs(qy2) + reach_y) * 0x1p-40;
+            int64_t cx0 = grid_cell_x(&l->g, qx1 - (1 - tp) * reach_x - sx);
+            int64_t cx1 = grid_cell_x(&l->g, qx2 - tp * wq + sx);
+            int64_t cy0 = grid_cell_y(&l->g, qy1 - (1 - tp) * reach_y - sy);
+            int64_t cy1 = grid_cell_y(&l->g, qy2 - tp * hq + sy);
+            for (int64_t cy = cy0; cy <= cy1; cy++) {
+                int64_t row = l->base + cy * l->g.nx;
+                int64_t plo = s->cell_start[row + cx0], phi = s->cell_start[row + cx1 + 1];
+                for (int64_t w = plo >> 6; plo < phi && w <= (phi - 1) >> 6; w++) {
+                    uint64_t word = bits[w];
+                    if (w == plo >> 6)
+                        word &= ~0ULL << (plo & 63);
+                    if (w == (phi - 1) >> 6)
+                        word &= ~0ULL >> (63 - ((phi - 1) & 63));
+                    while (word) {
+                        int64_t k = (w << 6) | __builtin_ctzll(word);
+                        word &= word - 1;
+                        const REAL *kb = s->sb + 4 * k;
+                        if (kb[0] < q[2] && kb[2] > q[0] && kb[1] < q[3] && kb[3] > q[1] &&
+                            (found < 0 || s->srank[k] < found) && (double)F(value)(kb, s->sa[k], q, qa, vp, 0) > t) {
+                            found = s->srank[k];
+                            if (!owner)
+                                goto decided; /* any suppressor will do */
+                        }
                     }
                 }
             }
@@ -242,9 +269,10 @@ static void F(greedy_segment)(const struct nms_job *job, struct F(seg) *s, const
     decided:;
         int32_t p = s->lp[i];
         if (found < 0) {
+            int gi = s->level_of[i];
             bits[pos >> 6] |= 1ULL << (pos & 63);
-            max_w = wq > max_w ? wq : max_w;
-            max_h = hq > max_h ? hq : max_h;
+            kept_w[gi] = wq > kept_w[gi] ? wq : kept_w[gi];
+            kept_h[gi] = hq > kept_h[gi] ? hq : kept_h[gi];
             kept[p] = 1;
             if (owner)
                 owner[p] = p;
@@ -342,35 +370,29 @@ static int F(merge_clusters)(const struct nms_job *job, const double *w, void *m
 
 /* Soft-NMS on the boxes at indices P[0..m) (ascending) of one category; appends the selections
  * (index, score at selection) to out_idx / out_score from *n_out on. 0, or -1 (no memory). */
-static int F(soft_segment)(const struct soft_job *job, struct F(seg) *s, const int32_t *P, int64_t m, double *cur,
-                           int32_t *version, uint8_t *dead, int64_t *out_idx, double *out_score, int64_t *n_out) {
+static void F(soft_segment)(const struct soft_job *job, struct F(seg) *s, const int32_t *P, int64_t m, double *cur,
+                            struct iheap *H, int64_t *out_idx, double *out_score, int64_t *n_out) {
     const REAL *boxes = (const REAL *)job->boxes;
-    struct heap h = {NULL, 0, 0};
     int64_t v = 0;
-    double max_w = 0, max_h = 0, size_sum = 0;
     /* local index l: P[l]; candidates have current score >= score_threshold (NaN never) */
     for (int64_t l = 0; l < m; l++) {
         double sc = score_at(job->scores, job->scores_bits, P[l]);
         cur[l] = sc;
-        version[l] = 0;
-        dead[l] = !(sc >= job->score_threshold);
-        if (dead[l])
+        H->pos[l] = -1;
+        if (!(sc >= job->score_threshold))
             continue;
+        H->h[H->size++] = (int32_t)l;
         const REAL *b = boxes + 4 * (int64_t)P[l];
         REAL a = F(area)(b);
         if (a > 0 && a < (REAL)INFINITY) { /* others have IoU 0 or NaN (o = 0) with every box */
             memcpy(s->lb + 4 * v, b, 4 * sizeof(REAL));
             s->la[v] = a;
             s->lp[v] = (int32_t)l;
-            double w = (double)b[2] - (double)b[0], hh = (double)b[3] - (double)b[1];
-            max_w = w > max_w ? w : max_w;
-            max_h = hh > max_h ? hh : max_h;
-            size_sum += w > hh ? w : hh;
             v++;
         }
     }
     if (v > 0)
-        F(seg_grid)(s, v, size_sum);
+        F(seg_grid)(s, v);
     for (int64_t l = 0; l < m; l++)
         s->pos_of[l] = -1; /* not in the grid (also: none of this category is) */
     if (v > 0) {
@@ -381,18 +403,10 @@ static int F(soft_segment)(const struct soft_job *job, struct F(seg) *s, const i
             s->bits[p >> 6] |= 1ULL << (p & 63); /* alive */
         }
     }
-    if (heap_reserve(&h, m) < 0)
-        return -1;
-    for (int64_t l = 0; l < m; l++)
-        if (!dead[l])
-            h.e[h.size++] = (struct heap_entry){cur[l], (int32_t)l, 0};
-    heap_build(&h);
-    while (h.size > 0) {
-        struct heap_entry top = heap_pop(&h);
-        int32_t l = top.l;
-        if (dead[l] || top.version != version[l])
-            continue; /* suppressed, or an older score of a decayed box */
-        dead[l] = 1;
+    ih_build(H);
+    while (H->size > 0) {
+        int32_t l = H->h[0];
+        ih_remove(H, l);
         out_idx[*n_out] = P[l];
         out_score[*n_out] = cur[l];
         (*n_out)++;
@@ -402,64 +416,65 @@ static int F(soft_segment)(const struct soft_job *job, struct F(seg) *s, const i
         s->bits[pos >> 6] &= ~(1ULL << (pos & 63));
         const REAL *q = s->sb + 4 * pos;
         REAL qa = s->sa[pos];
-        /* the boxes overlapping q: x1 in (x1_q - max width, x2_q), likewise y */
-        const struct grid *g = &s->g;
+        /* the boxes overlapping q: per level, x1 in (x1_q - the level's max width, x2_q), likewise y */
         double qx1 = q[0], qy1 = q[1], qx2 = q[2], qy2 = q[3];
-        double sx = (fabs(qx1) + fabs(qx2) + max_w) * 0x1p-40, sy = (fabs(qy1) + fabs(qy2) + max_h) * 0x1p-40;
-        int64_t cx0 = grid_cell_x(g, qx1 - max_w - sx), cx1 = grid_cell_x(g, qx2 + sx);
-        int64_t cy0 = grid_cell_y(g, qy1 - max_h - sy), cy1 = grid_cell_y(g, qy2 + sy);
-        for (int64_t cy = cy0; cy <= cy1; cy++) {
-            int64_t plo = s->cell_start[cy * g->nx + cx0], phi = s->cell_start[cy * g->nx + cx1 + 1];
-            for (int64_t w = plo >> 6; plo < phi && w <= (phi - 1) >> 6; w++) {
-                uint64_t word = s->bits[w];
-                if (w == plo >> 6)
-                    word &= ~0ULL << (plo & 63);
-                if (w == (phi - 1) >> 6)
-                    word &= ~0ULL >> (63 - ((phi - 1) & 63));
-                while (word) {
-                    int64_t k = (w << 6) | __builtin_ctzll(word);
-                    word &= word - 1;
-                    const REAL *kb = s->sb + 4 * k;
-                    if (!(kb[0] < q[2] && kb[2] > q[0] && kb[1] < q[3] && kb[3] > q[1]))
-                        continue;
-                    double o = (double)F(value)(q, qa, kb, s->sa[k], &job->vp, 0);
-                    double f = decay(job, o);
-                    if (f == 1.0)
-                        continue;
-                    int32_t lk = s->srank[k];
-                    cur[lk] *= f;
-                    version[lk]++;
-                    if (!(cur[lk] >= job->score_threshold)) {
-                        dead[lk] = 1;
-                        s->bits[k >> 6] &= ~(1ULL << (k & 63));
-                    } else if (heap_push(&h, (struct heap_entry){cur[lk], lk, version[lk]}) < 0) {
-                        free(h.e);
-                        return -1;
+        for (int gi = 0; gi < s->lv.n; gi++) {
+            const struct level *lv = &s->lv.lv[gi];
+            if (lv->count == 0)
+                continue;
+            double sx = (fabs(qx1) + fabs(qx2) + lv->max_w) * 0x1p-40, sy = (fabs(qy1) + fabs(qy2) + lv->max_h) * 0x1p-40;
+            int64_t cx0 = grid_cell_x(&lv->g, qx1 - lv->max_w - sx), cx1 = grid_cell_x(&lv->g, qx2 + sx);
+            int64_t cy0 = grid_cell_y(&lv->g, qy1 - lv->max_h - sy), cy1 = grid_cell_y(&lv->g, qy2 + sy);
+            for (int64_t cy = cy0; cy <= cy1; cy++) {
+                int64_t row = lv->base + cy * lv->g.nx;
+                int64_t plo = s->cell_start[row + cx0], phi = s->cell_start[row + cx1 + 1];
+                for (int64_t w = plo >> 6; plo < phi && w <= (phi - 1) >> 6; w++) {
+                    uint64_t word = s->bits[w];
+                    if (w == plo >> 6)
+                        word &= ~0ULL << (plo & 63);
+                    if (w == (phi - 1) >> 6)
+                        word &= ~0ULL >> (63 - ((phi - 1) & 63));
+                    while (word) {
+                        int64_t k = (w << 6) | __builtin_ctzll(word);
+                        word &= word - 1;
+                        const REAL *kb = s->sb + 4 * k;
+                        if (!(kb[0] < q[2] && kb[2] > q[0] && kb[1] < q[3] && kb[3] > q[1]))
+                            continue;
+                        double o = (double)F(value)(q, qa, kb, s->sa[k], &job->vp, 0);
+                        double f = decay(job, o);
+                        if (f == 1.0)
+                            continue;
+                        int32_t lk = s->srank[k];
+                        cur[lk] *= f;
+                        if (!(cur[lk] >= job->score_threshold)) {
+                            ih_remove(H, lk);
+                            s->bits[k >> 6] &= ~(1ULL << (k & 63));
+                        } else {
+                            ih_update(H, lk); /* f < 1 lowers a positive score, raises a negative one */
+                        }
                     }
                 }
             }
         }
     }
-    free(h.e);
-    return 0;
 }
 
 static int F(soft_run)(const struct soft_job *job, int64_t *out_idx, double *out_score, int64_t *n_out) {
     struct F(seg) s;
     int64_t mm = job->max_segment > 0 ? job->max_segment : 1;
     double *cur = malloc((size_t)mm * sizeof(double));
-    int32_t *version = malloc((size_t)mm * sizeof(int32_t));
-    uint8_t *dead = malloc((size_t)mm);
+    struct iheap H = {malloc((size_t)mm * sizeof(int32_t)), malloc((size_t)mm * sizeof(int32_t)), cur, 0};
     int rc = 0;
-    if (!F(seg_alloc)(&s, job->max_segment) || !cur || !version || !dead)
+    if (!F(seg_alloc)(&s, job->max_segment) || !cur || !H.h || !H.pos)
         rc = -1;
     for (int64_t g = 0; rc == 0 && g < job->n_segments; g++) {
         const int32_t *P = job->seg_pos + job->seg_start[g];
         int64_t m = job->seg_start[g + 1] - job->seg_start[g];
-        rc = F(soft_segment)(job, &s, P, m, cur, version, dead, out_idx, out_score, n_out);
+        H.size = 0;
+        F(soft_segment)(job, &s, P, m, cur, &H, out_idx, out_score, n_out);
     }
     F(seg_free)(&s);
-    free(cur), free(version), free(dead);
+    free(cur), free(H.h), free(H.pos);
     return rc;
 }
 

@@ -934,8 +934,26 @@ def _soft_torch(boxes, scores, idxs, method, sigma, iou_threshold, score_thresho
         alive.index_copy_(0, rem, s >= score_threshold)
     if not picked:
         return torch.empty(0, dtype=torch.int64, device=dev), torch.empty(0, dtype=out_dtype, device=dev)
-    keep, kept_scores = torch.cat(picked), torch.cat(picked_score)
+    keep, kept_scores = torch.cat(picked), torch.cat(picked_score)  # by round
+    return _merge_runs(keep, kept_scores, cls.index_select(0, keep), out_dtype)
+
+
+def _merge_runs(keep: Tensor, kept_scores: Tensor, kc: Tensor, out_dtype: torch.dtype):
+    """Order the categories' Soft-NMS runs (``keep`` by round, category ``kc``) as one run over all
+    categories, which at each step takes the best next selection of any category.
+
+    A run's keys (score at selection desc, index) decrease, except where a decay raised a negative
+    score; such a box is taken right after the box of its run with the lowest key so far, so the
+    order is by that running minimum, then by position in the run."""
+    m = keep.numel()
     by_index = torch.sort(keep)[1]
-    keep, kept_scores = keep[by_index], kept_scores[by_index]
-    by_score = torch.sort(kept_scores, descending=True, stable=True)[1]
-    return keep[by_score], kept_scores[by_score].to(out_dtype)
+    by_key = by_index.index_select(0, torch.sort(kept_scores.index_select(0, by_index), descending=True,
+                                                 stable=True)[1])
+    key_rank = torch.empty(m, dtype=torch.int64, device=keep.device)
+    key_rank[by_key] = torch.arange(m, device=keep.device)  # 0: the best key
+    by_run = torch.sort(kc, stable=True)[1]  # category-major, each run in round order
+    c = kc.index_select(0, by_run)
+    # running maximum of the rank within each category: offsets by category make it reset per run
+    worst = torch.cummax(key_rank.index_select(0, by_run) + c * m, 0)[0] - c * m
+    order = by_run.index_select(0, torch.sort(worst, stable=True)[1])
+    return keep.index_select(0, order), kept_scores.index_select(0, order).to(out_dtype)

@@ -276,6 +276,46 @@ def test_kernel_equals_torch_path_on_large_inputs(monkeypatch):
         assert torch.equal(got, greedy_reference(boxes, scores, 0.3, idxs, math.inf))
 
 
+def wide_size_case(g: torch.Generator, n: int, dtype=torch.float32):
+    """Detector-like clusters whose sizes span 2^2 to 2^9 (several size levels of the C kernel's grids,
+    which it builds from 2,048 valid boxes of one category on), some boxes tiny or huge."""
+    n_obj = max(1, n // 20)
+    centre = torch.rand(n_obj, 2, generator=g) * 1000
+    size = torch.exp(torch.empty(n_obj, 2).uniform_(math.log(4.0), math.log(512.0), generator=g))
+    obj = torch.cat([centre - size / 2, centre + size / 2], 1).repeat_interleave(20, 0)[:n]
+    jitter = 0.1 * size.repeat_interleave(20, 0)[:n].repeat(1, 2) * torch.randn(n, 4, generator=g)
+    boxes = obj + jitter
+    boxes = torch.cat([torch.minimum(boxes[:, :2], boxes[:, 2:]), torch.maximum(boxes[:, :2], boxes[:, 2:])], 1)
+    boxes[: n // 50, 2:] = boxes[: n // 50, :2] + 2.0**-6  # tiny
+    boxes[n // 50 : n // 40, 2:] = boxes[n // 50 : n // 40, :2] + 2000  # huge
+    boxes = boxes[torch.randperm(n, generator=g)]
+    scores = torch.rand(n, generator=g)
+    return boxes.to(dtype), scores
+
+
+@NATIVE
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_size_levels_equal_torch_path(dtype, monkeypatch):
+    """One category of 2,500-5,000 boxes over a wide range of sizes (the kernel's per-size-level grids),
+    greedy and weighted, at thresholds from 0 (pruning by plain intersection) to 0.9."""
+    g = torch.Generator().manual_seed(40 + (dtype == torch.float64))
+    for n, n_cls in ((2500, 1), (5000, 2)):
+        boxes, scores = wide_size_case(g, n, dtype)
+        idxs = torch.randint(0, n_cls, (n,), generator=g)
+        for t, beta, distance in ((0.5, 1.0, True), (0.0, 1.0, True), (0.1, 2.0, True), (0.7, 1.0, False),
+                                  (0.9, math.inf, True)):
+            out = {}
+            for k in ("native", "eager"):
+                monkeypatch.setenv("BOXLOSS_KERNEL", k)
+                out[k] = (boxloss.batched_diou_nms(boxes, scores, idxs, t, beta=beta, distance=distance),
+                          boxloss.batched_weighted_nms(boxes, scores, idxs, t, beta=beta, distance=distance))
+            assert torch.equal(out["native"][0], out["eager"][0]), (n, t, beta, distance)
+            assert torch.equal(out["native"][1][0], out["eager"][0])
+            assert torch.equal(out["eager"][1][0], out["eager"][0])
+            torch.testing.assert_close(out["native"][1][1], out["eager"][1][1], rtol=1e-6, atol=1e-4)
+    assert torch.equal(out["native"][0], greedy_reference(boxes, scores, t, idxs, beta, distance))
+
+
 @NATIVE
 def test_kernel_ranks_scores_as_torch_sort(monkeypatch):
     """NaN scores rank first, -0.0 == +0.0, ties by index, in every score dtype, as the torch path."""

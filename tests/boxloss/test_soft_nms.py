@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_nms import DEVICES, THRESHOLDS, _values, adversarial_case, kernel, random_case  # noqa: F401
+from test_nms import DEVICES, NATIVE, THRESHOLDS, _values, adversarial_case, kernel, random_case, wide_size_case  # noqa: F401
 
 import boxloss
 
@@ -80,6 +80,47 @@ def test_equals_reference(method, distance, batched, kernel):
         assert new_scores.dtype == torch.float32
         torch.testing.assert_close(new_scores.double(), want_scores, rtol=0, atol=1e-6, msg=f"case {case}")
         assert bool(torch.isfinite(new_scores).all())
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["single", "batched"])
+def test_negative_scores_equal_reference(batched, kernel):
+    """Negative scores with a negative score_threshold: a decay raises such a score, so a category's
+    selections are not in score order, and the batched order is the one run over all categories
+    (the reference's), not a sort by score. 60 cases, both methods."""
+    g = torch.Generator().manual_seed(60 + batched)
+    for case in range(60):
+        n = int(torch.randint(0, 50, (1,), generator=g))
+        boxes, scores = random_case(g, n)
+        scores = scores - 0.6
+        kw = {"method": ("gaussian", "linear")[case % 2], "sigma": (0.5, 0.1)[case % 3 == 0],
+              "iou_threshold": 0.3, "score_threshold": (-0.5, -0.7)[case % 5 == 0], "distance": case % 4 == 1}
+        idxs = torch.randint(0, 3, (n,), generator=g) if batched else None
+        keep, new_scores = _soft(boxes, scores, idxs, **kw)
+        want_keep, want_scores = soft_reference(boxes, scores, idxs=idxs, **kw)
+        assert torch.equal(keep, want_keep), f"case {case}: n={n} {kw}"
+        torch.testing.assert_close(new_scores.double(), want_scores, rtol=0, atol=1e-6, msg=f"case {case}")
+
+
+@NATIVE
+@pytest.mark.parametrize("method", ["gaussian", "linear"])
+def test_kernel_size_levels_equal_torch_path(method, monkeypatch):
+    """One category of 2,500 boxes over a wide range of sizes (the kernel's per-size-level grids; the
+    torch path is the reference, itself checked against the loop above), and negative scores, whose
+    decay raises them (the kernel's heap moves a box either way)."""
+    g = torch.Generator().manual_seed(50 + (method == "linear"))
+    for case in range(3):
+        boxes, scores = wide_size_case(g, 2500, (torch.float32, torch.float64, torch.float32)[case])
+        kw = {"method": method, "distance": case == 1, "iou_threshold": 0.3}
+        if case == 2:
+            scores, kw["score_threshold"] = scores - 0.5, -0.4  # negative scores
+        idxs = torch.randint(0, 2, (2500,), generator=g) if case == 1 else torch.zeros(2500, dtype=torch.int64)
+        monkeypatch.setenv("BOXLOSS_KERNEL", "native")
+        keep, s = boxloss.batched_soft_nms(boxes, scores, idxs, **kw)
+        monkeypatch.setenv("BOXLOSS_KERNEL", "eager")
+        want_keep, want_s = boxloss.batched_soft_nms(boxes, scores, idxs, **kw)
+        assert torch.equal(keep, want_keep), (case, kw)
+        torch.testing.assert_close(s, want_s, rtol=0, atol=1e-6)
+        assert keep.numel() > 500
 
 
 def test_hand_worked_decays(kernel):
