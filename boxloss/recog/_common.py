@@ -5,8 +5,13 @@ Written once here so every loss validates and reduces the same way. Nothing in t
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
+
+# One device check for the whole package: a ValueError naming both devices, no data read.
+from ..focal import _check_device  # noqa: F401
 
 # One reduction for the whole package (boxloss.losses): an empty "mean" is 0 * loss.sum(),
 # never NaN, and avg_factor divides the sum (MMDetection semantics).
@@ -50,19 +55,20 @@ def _check_labels(labels: Tensor, n: int | None, name: str = "labels") -> None:
 def _check_embeddings_labels(embeddings: Tensor, labels: Tensor, dim: int | None = None) -> None:
     _check_float_matrix(embeddings, "embeddings", dim)
     _check_labels(labels, embeddings.shape[0])
+    _check_device("labels", labels, "embeddings", embeddings)
 
 
 def _check_label_range(labels: Tensor, num_classes: int, name: str = "labels") -> None:
     """Labels must lie in ``[0, num_classes)``.
 
-    This reads two numbers back from the device (one sync). It is done on purpose where labels
-    index a class table: an out-of-range label otherwise becomes a CUDA device-side assert or a
-    silent out-of-bounds gather, which is far harder to debug than this error.
+    This reads two numbers back from the device in one transfer (one sync). It is done on purpose
+    where labels index a class table: an out-of-range label otherwise becomes a CUDA device-side
+    assert or a silent out-of-bounds gather, which is far harder to debug than this error.
     """
     if labels.numel() == 0:
         return
-    lo, hi = torch.aminmax(labels)
-    lo, hi = int(lo), int(hi)
+    # int(lo), int(hi) would be two transfers, each a sync; one [2] tensor is one.
+    lo, hi = torch.stack(torch.aminmax(labels)).tolist()
     if lo < 0 or hi >= num_classes:
         bad = lo if lo < 0 else hi
         raise ValueError(f"{name} must lie in [0, {num_classes - 1}] (num_classes={num_classes}), got {bad}")
@@ -89,8 +95,20 @@ def _upcast(x: Tensor) -> Tensor:
     return x
 
 
+def _no_autocast(device: torch.device):
+    """Autocast switched off on ``device``, so matmuls run in their inputs' dtype (float32) under AMP.
+
+    The losses promise float32: a half-precision Gram matrix loses most of its digits to the
+    cancellation in ‖x‖² + ‖y‖² − 2xᵀy (bfloat16 keeps 8 bits), and half-precision logits round
+    the margins. Devices without autocast (meta) need no guard.
+    """
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _pairwise_sq_distances(x: Tensor, y: Tensor | None = None) -> Tensor:
-    """Squared Euclidean distances ``[N, M]`` through the Gram matrix.
+    """Squared Euclidean distances ``[N, M]`` through the Gram matrix, in the dtype of ``x`` (also under AMP).
 
     ``‖x‖² + ‖y‖² − 2·x·yᵀ`` needs ``O(N·M)`` memory instead of the ``O(N·M·D)`` of broadcast
     differences. Cancellation can make it slightly negative, hence the clamp; with ``y=None`` the
@@ -101,7 +119,9 @@ def _pairwise_sq_distances(x: Tensor, y: Tensor | None = None) -> Tensor:
         y = x
     sq_x = x.pow(2).sum(1)
     sq_y = sq_x if same else y.pow(2).sum(1)
-    d2 = (sq_x[:, None] + sq_y[None, :] - 2.0 * (x @ y.t())).clamp(min=0)
+    with _no_autocast(x.device):
+        gram = x @ y.t()  # [N, M]
+    d2 = (sq_x[:, None] + sq_y[None, :] - 2.0 * gram).clamp(min=0)
     if same:
         eye = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
         d2 = d2.masked_fill(eye, 0.0)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._common import (
+    _check_device,
     _check_embeddings_labels,
     _check_float_matrix,
     _check_label_range,
@@ -35,6 +36,17 @@ def _check_centers(centers: Tensor, embeddings: Tensor) -> None:
             f"centers must have the embedding dimension {embeddings.shape[1]} (shape [C, "
             f"{embeddings.shape[1]}]), got shape {tuple(centers.shape)}"
         )
+    _check_device("centers", centers, "embeddings", embeddings)
+
+
+def _class_counts(labels: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
+    """``[num_classes]`` number of samples of each class, computed on the device without a sync.
+
+    ``torch.bincount`` would read ``labels.max()`` back to size its output (a sync on CUDA) even
+    with ``minlength``; ``index_add_`` into a ``[num_classes]`` buffer does not.
+    """
+    ones = torch.ones(labels.shape, dtype=dtype, device=labels.device)
+    return torch.zeros(num_classes, dtype=dtype, device=labels.device).index_add_(0, labels, ones)
 
 
 def center_loss(
@@ -71,6 +83,7 @@ def center_loss(
     _check_embeddings_labels(embeddings, labels)
     _check_centers(centers, embeddings)
     _check_weight(weight, embeddings.shape[0])
+    _check_device("weight", weight, "embeddings", embeddings)
     _check_reduction(reduction)
     _check_label_range(labels, centers.shape[0])
     x = _upcast(embeddings)
@@ -110,7 +123,7 @@ def center_update(centers: Tensor, embeddings: Tensor, labels: Tensor, *, alpha:
     _check_label_range(labels, centers.shape[0])
     c = _upcast(centers)
     x = _upcast(embeddings).to(c.dtype)
-    counts = torch.bincount(labels, minlength=c.shape[0]).to(c.dtype)  # n_j
+    counts = _class_counts(labels, c.shape[0], c.dtype)  # n_j
     diff = torch.zeros_like(c).index_add_(0, labels, c[labels] - x)  # Σ_{i: y_i=j} (c_j − x_i)
     delta = diff / (1.0 + counts)[:, None]
     return (c - alpha * delta).to(centers.dtype)
@@ -223,6 +236,7 @@ def minimum_margin_loss(
     c = _upcast(centers)
     if labels is not None:
         _check_labels(labels, None)
+        _check_device("labels", labels, "centers", centers)
         _check_label_range(labels, c.shape[0])
         c = c[torch.unique(labels)]
     k = c.shape[0]
@@ -284,7 +298,7 @@ def range_loss(
     n = x.shape[0]
     classes, inv = torch.unique(labels, return_inverse=True)
     num = classes.numel()
-    counts = torch.bincount(inv, minlength=num)
+    counts = _class_counts(inv, num, x.dtype)
     if num < 2 or int(counts.max()) < 2:
         raise ValueError(
             "range_loss needs at least 2 classes and one class with 2 samples in the batch; got "
@@ -310,7 +324,7 @@ def range_loss(
 
     # Inter: the closest pair of batch centres.
     centres = torch.zeros(num, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, inv, x)
-    centres = centres / counts.to(x.dtype)[:, None]
+    centres = centres / counts[:, None]
     dc = _pairwise_sq_distances(centres)
     q, r = torch.triu_indices(num, num, 1, device=x.device)
     inter = (margin - dc[q, r].min()).clamp(min=0)

@@ -26,7 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import _check_embeddings_labels, _check_float_matrix, _check_label_range, _check_labels, _upcast
+from ._common import (
+    _check_device,
+    _check_embeddings_labels,
+    _check_float_matrix,
+    _check_label_range,
+    _check_labels,
+    _no_autocast,
+    _upcast,
+)
 
 # sin θ = sqrt(1 − cos²θ) has an infinite derivative at cos = ±1; clamping the radicand keeps
 # the value (off by at most 1e-6) and makes the gradient 0 there instead of inf (or NaN = 0·inf).
@@ -41,6 +49,7 @@ _ACOS_EPS = 1e-7
 def _check_cosine_labels(cosine: Tensor, labels: Tensor) -> None:
     _check_float_matrix(cosine, "cosine")
     _check_labels(labels, cosine.shape[0])
+    _check_device("labels", labels, "cosine", cosine)
 
 
 def _replace_target(cosine: Tensor, labels: Tensor, target: Tensor) -> Tensor:
@@ -235,6 +244,7 @@ class _MarginHead(nn.Module):
 
     def _inputs(self, embeddings: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
         """Checked embeddings and weights in the compute dtype (float32, or float64)."""
+        _check_device("embeddings", embeddings, f"{type(self).__name__}.weight", self.weight)
         if labels is None:
             _check_float_matrix(embeddings, "embeddings", self.in_features)
         else:
@@ -248,13 +258,13 @@ class _MarginHead(nn.Module):
 
     def cosine(self, embeddings: Tensor) -> Tensor:
         """``cos θ`` between each embedding and each class weight, ``[N, num_classes]``."""
-        with torch.autocast(embeddings.device.type, enabled=False):
+        with _no_autocast(embeddings.device):
             x, w = self._inputs(embeddings, None)
             return self._cosine(x, w)
 
     def logits(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Margin-adjusted logits ``[N, num_classes]`` (float32; float64 for float64 inputs)."""
-        with torch.autocast(embeddings.device.type, enabled=False):
+        with _no_autocast(embeddings.device):
             x, w = self._inputs(embeddings, labels)
             return self._logits(x, w, labels)
 

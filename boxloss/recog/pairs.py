@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import (
+    _check_device,
     _check_embeddings_labels,
     _check_float_matrix,
     _check_labels,
@@ -23,6 +24,7 @@ from ._common import (
     _check_reduction,
     _labels_preview,
     _pairwise_distances,
+    _no_autocast,
     _pairwise_sq_distances,
     _reduce,
     _safe_sqrt,
@@ -269,6 +271,8 @@ def triplet_margin_loss(
             "anchors, positives and negatives must have the same shape, got "
             f"{tuple(anchors.shape)}, {tuple(positives.shape)} and {tuple(negatives.shape)}"
         )
+    _check_device("positives", positives, "anchors", anchors)
+    _check_device("negatives", negatives, "anchors", anchors)
     _check_nonnegative(margin, "margin")
     _check_reduction(reduction)
     a, p, n = _upcast(anchors), _upcast(positives), _upcast(negatives)
@@ -324,13 +328,17 @@ def tuplet_loss(
     ):
         b, d = anchors.shape
         raise ValueError(f"negatives must have shape [{b}, K, {d}] with K >= 1, got {tuple(negatives.shape)}")
+    _check_device("positives", positives, "anchors", anchors)
+    _check_device("negatives", negatives, "anchors", anchors)
     _check_reduction(reduction)
     f, fp, fn = _upcast(anchors), _upcast(positives), _upcast(negatives)
-    pos = (f * fp).sum(1, keepdim=True)  # [B, 1]
-    neg = torch.einsum("bd,bkd->bk", f, fn)  # [B, K]
-    logits = torch.cat([pos, neg], dim=1)
-    target = torch.zeros(f.shape[0], dtype=torch.long, device=f.device)
-    return _reduce(F.cross_entropy(logits, target, reduction="none"), None, reduction, None)
+    with _no_autocast(f.device):  # float32 logits under AMP, as documented
+        pos = (f * fp).sum(1, keepdim=True)  # [B, 1]
+        neg = torch.einsum("bd,bkd->bk", f, fn)  # [B, K]
+        logits = torch.cat([pos, neg], dim=1)
+        target = torch.zeros(f.shape[0], dtype=torch.long, device=f.device)
+        ce = F.cross_entropy(logits, target, reduction="none")
+    return _reduce(ce, None, reduction, None)
 
 
 def npair_loss(
@@ -374,6 +382,7 @@ def npair_loss(
         raise ValueError(
             f"positives must have the shape of anchors {tuple(anchors.shape)}, got {tuple(positives.shape)}"
         )
+    _check_device("positives", positives, "anchors", anchors)
     _check_nonnegative(l2_reg, "l2_reg")
     _check_reduction(reduction)
     n = anchors.shape[0]
@@ -381,14 +390,16 @@ def npair_loss(
         raise ValueError(f"npair_loss needs at least 2 pairs (one per class), got {n}")
     if labels is not None:
         _check_labels(labels, n)
+        _check_device("labels", labels, "anchors", anchors)
         if torch.unique(labels).numel() != n:
             raise ValueError(
                 f"npair_loss needs one pair per class (all labels distinct), got labels {_labels_preview(labels)}"
             )
     f, fp = _upcast(anchors), _upcast(positives)
-    logits = f @ fp.t()  # [N, N]; logits[i, j] = f_iᵀ f⁺_j
-    target = torch.arange(n, device=f.device)
-    ce = F.cross_entropy(logits, target, reduction="none")
+    with _no_autocast(f.device):  # float32 logits under AMP, as documented
+        logits = f @ fp.t()  # [N, N]; logits[i, j] = f_iᵀ f⁺_j
+        target = torch.arange(n, device=f.device)
+        ce = F.cross_entropy(logits, target, reduction="none")
     penalty = 0.25 * l2_reg * (f.pow(2).sum(1) + fp.pow(2).sum(1))
     return _reduce(ce + penalty, None, reduction, None)
 
@@ -413,7 +424,8 @@ def select_npair_classes(
         embeddings: ``[M, D]`` float tensor (no gradient is recorded).
         labels: ``[M]`` integer labels.
         num_classes: how many classes to select, ``2 <= num_classes <= #distinct labels``.
-        generator: optional ``torch.Generator`` for the random first class.
+        generator: optional ``torch.Generator`` (CPU or of any device) for the random first class;
+            the draw is made on its device.
 
     Returns:
         ``[num_classes]`` tensor of the selected labels, in selection order.
@@ -430,10 +442,13 @@ def select_npair_classes(
     if num_classes < 2 or num_classes > k:
         raise ValueError(f"num_classes must be between 2 and the {k} distinct labels given, got {num_classes}")
     x = _upcast(embeddings)
-    counts = torch.bincount(inv, minlength=k).to(x.dtype)
+    counts = torch.zeros(k, dtype=x.dtype, device=x.device).index_add_(0, inv, torch.ones_like(inv, dtype=x.dtype))
     means = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, inv, x) / counts[:, None]
-    sim = means @ means.t()  # [K, K]
-    first = int(torch.randint(k, (1,), generator=generator, device="cpu"))
+    with _no_autocast(x.device):
+        sim = means @ means.t()  # [K, K]
+    # randint draws on its generator's device: a CUDA generator with device="cpu" is an error
+    draw_on = generator.device if generator is not None else "cpu"
+    first = int(torch.randint(k, (1,), generator=generator, device=draw_on))
     chosen = [first]
     taken = torch.zeros(k, dtype=torch.bool, device=x.device)
     taken[first] = True
