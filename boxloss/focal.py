@@ -15,6 +15,16 @@ def _float(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def _check_device(name: str, tensor, ref_name: str, ref: Tensor) -> None:
+    """``tensor`` (if a tensor) must be on ``ref``'s device.
+
+    Checked where data enters: a CPU tensor in a CUDA computation is otherwise a device-mismatch
+    error deep inside an op, or a silent host-to-device copy on every call. Reads no data (no sync).
+    """
+    if isinstance(tensor, Tensor) and tensor.device != ref.device:
+        raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {tensor.device}")
+
+
 def _check_weight(weight, shape: torch.Size, allowed: tuple) -> None:
     if weight is not None and tuple(weight.shape) not in allowed:
         raise ValueError(f"weight must have shape {' or '.join(map(str, allowed))} for inputs {tuple(shape)}, "
@@ -39,10 +49,10 @@ def sigmoid_focal_loss(
 
     Args:
         inputs: logits of any shape.
-        targets: same shape, binary (or soft) labels in [0, 1].
+        targets: same shape, binary (or soft) labels in [0, 1], on the device of ``inputs``.
         alpha: weight of the positives in (0, 1); a negative value disables it.
         gamma: focusing exponent >= 0.
-        weight: element weights of the shape of ``inputs``, or None.
+        weight: element weights of the shape of ``inputs`` (on its device), or None.
         reduction: ``"none"`` (same shape as ``inputs``), ``"mean"`` or ``"sum"``.
         avg_factor: divisor of the summed loss for ``"mean"`` (RetinaNet: the number of positives).
 
@@ -59,6 +69,8 @@ def sigmoid_focal_loss(
         raise ValueError(f"gamma must be >= 0, got {gamma!r}")
     _check_reduction(reduction)
     _check_weight(weight, inputs.shape, (tuple(inputs.shape),))
+    _check_device("targets", targets, "inputs", inputs)
+    _check_device("weight", weight, "inputs", inputs)
     inputs = _float(inputs)
     targets = targets.to(inputs.dtype)
     p = torch.sigmoid(inputs)
@@ -94,6 +106,9 @@ def softmax_focal_loss(
         alpha: ``[K]`` class weights, or None.
         label_smoothing: eps in [0, 1].
         weight: ``[N]`` sample weights, or None.
+
+    ``targets``, ``alpha`` and ``weight`` must be on the device of ``logits`` (a ValueError
+    otherwise: a CPU ``alpha`` would be copied to the GPU on every call).
         reduction, avg_factor: as :func:`sigmoid_focal_loss`; ``"none"`` returns ``[N]``.
 
     Reference: Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017, arXiv:1708.02002.
@@ -114,6 +129,8 @@ def softmax_focal_loss(
         raise ValueError(f"alpha must have shape ({num_classes},), got {tuple(alpha.shape)}")
     _check_reduction(reduction)
     _check_weight(weight, logits.shape, ((logits.shape[0],),))
+    for name, tensor in (("targets", targets), ("alpha", alpha), ("weight", weight)):
+        _check_device(name, tensor, "logits", logits)
     logits = _float(logits)
     log_p = F.log_softmax(logits, dim=-1)  # [N, K]
     q = F.one_hot(targets.long(), num_classes).to(logits.dtype)
