@@ -26,17 +26,20 @@ import torch
 from mmengine.evaluator import BaseMetric
 from mmengine.logging import MMLogger
 from mmengine.model import BaseModel
-from mmengine.registry import DATASETS, FUNCTIONS, METRICS, MODELS
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
+from mmengine.registry import DATASETS, FUNCTIONS, HOOKS, METRICS, MODELS
 
 from . import runner as _runner  # noqa: F401  (registers BoxLossRunner and BoxLossCheckpointHook)
 from .data import CocoDetection, Compose, RandomHorizontalFlip, Resize, detection_collate
 from .errors import DataError, DataNotFoundError, OptionError, check_known_keys
-from .evaluation import (CONFUSION_SCORE_THR, check_backend, per_class_ap, per_class_markdown, run_cocoeval,
-                         write_plots)
+from .evaluation import (COCO_STAT_NAMES, CONFUSION_SCORE_THR, check_backend, per_class_ap, per_class_markdown,
+                         require_extra, run_cocoeval, write_plots)
 from .fileio import atomic_json
 from .shapes import make_shapes, shapes_exist
 
-__all__ = ["DetectorModel", "CocoDetectionDataset", "CocoMetric", "coco_summary", "check_config"]
+__all__ = ["DetectorModel", "CocoDetectionDataset", "CocoMetric", "DetectionImagesHook", "check_config",
+           "apply_tensorboard"]
 
 FUNCTIONS.register_module(name="detection_collate", module=detection_collate, force=True)
 
@@ -146,23 +149,6 @@ class CocoDetectionDataset(CocoDetection):
 
 
 # --------------------------------------------------------------------------- metric
-
-COCO_STAT_NAMES = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l",
-                   "AR_1", "AR_10", "AR_100", "AR_s", "AR_m", "AR_l")
-
-
-def coco_summary(coco_gt, detections: list[dict], img_ids: Sequence[int] | None = None, *,
-                 backend: str = "pycocotools") -> tuple[np.ndarray, str]:
-    """Run COCO box evaluation; returns the 12 stats and pycocotools' 12 summary lines.
-
-    ``detections`` are COCO result dicts (``image_id``, ``category_id``, ``bbox`` xywh, ``score``).
-    With no detections every stat is 0, or -1 (pycocotools' "no ground truth of that size").
-    ``backend``: ``"pycocotools"`` (the reference) or ``"fast"`` (faster-coco-eval, an optional
-    extra); see :func:`detectors.evaluation.run_cocoeval`.
-    """
-    ev, text = run_cocoeval(coco_gt, detections, img_ids, backend=backend)
-    return np.asarray(ev.stats[:12], dtype=np.float64), text
-
 
 @METRICS.register_module(force=True)
 class CocoMetric(BaseMetric):
@@ -284,3 +270,92 @@ def check_config(cfg) -> None:
         metric = cfg.get(evaluator)
         if metric is not None and metric.get("type") == "CocoMetric":
             check_known_keys(evaluator, metric.keys(), {"type"} | _parameters(CocoMetric.__init__))
+
+
+# --------------------------------------------------------------------------- TensorBoard
+
+
+@HOOKS.register_module(force=True)
+class DetectionImagesHook(Hook):
+    """After each validation, draws the detections on the first ``num_images`` validation images and
+    hands them to the visualizer's backends (TensorBoard's Images tab, ``detections/<image id>``,
+    one step per epoch; the local backend writes them as PNGs under ``vis_data/vis_image``).
+
+    Ground truth is drawn white, detections scoring at least ``score_thr`` in their class colour with
+    "class score". Rank 0 only; the model is put back in the mode it was in.
+    """
+
+    priority = "LOW"
+
+    def __init__(self, num_images: int = 4, score_thr: float = 0.3):
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+            raise OptionError(f"DetectionImagesHook num_images must be an integer >= 1, got {num_images!r}")
+        if not 0.0 <= float(score_thr) <= 1.0:
+            raise OptionError(f"DetectionImagesHook score_thr must be in [0, 1], got {score_thr!r}")
+        self.num_images, self.score_thr = num_images, float(score_thr)
+
+    def after_val_epoch(self, runner, metrics=None) -> None:
+        if runner.rank != 0:
+            return
+        dataset = runner.val_dataloader.dataset
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        batch = detection_collate([dataset[i] for i in range(min(self.num_images, len(dataset)))])
+        training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                results = model.val_step(batch)
+        finally:
+            model.train(training)
+        for target, result in zip(batch["data_samples"], results):
+            runner.visualizer.add_image(f"detections/{target['image_id']}",
+                                        self.draw(dataset, target["image_id"], result), step=runner.epoch)
+
+    def draw(self, dataset, image_id: int, result: dict) -> np.ndarray:
+        """The original image with ground truth and detections drawn, ``[H, W, 3]`` uint8 RGB."""
+        from PIL import Image
+        from torchvision.utils import draw_bounding_boxes
+
+        info = dataset.coco.imgs[image_id]
+        with Image.open(os.path.join(dataset.img_dir, info["file_name"])) as im:
+            image = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+        gt = [a["bbox"] for a in dataset.coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
+        if gt:
+            boxes = torch.tensor(gt, dtype=torch.float32).reshape(-1, 4)
+            boxes[:, 2:] += boxes[:, :2]  # COCO's xywh -> xyxy
+            image = draw_bounding_boxes(image, boxes, colors="white", width=1)
+        keep = result["scores"] >= self.score_thr
+        if keep.any():
+            labels = result["labels"][keep].tolist()
+            names = [f"{dataset.classes[k - 1]} {s:.2f}" for k, s in zip(labels, result["scores"][keep].tolist())]
+            colours = [_CLASS_COLOURS[(k - 1) % len(_CLASS_COLOURS)] for k in labels]
+            image = draw_bounding_boxes(image, result["boxes"][keep].float().cpu(), labels=names, colors=colours,
+                                        width=2)
+        return image.permute(1, 2, 0).numpy()
+
+
+# matplotlib's tab10, as tools/visualize.py colours classes
+_CLASS_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+                  "#bcbd22", "#17becf")
+
+
+def apply_tensorboard(cfg) -> None:
+    """The config key ``tensorboard`` (``False``, ``True`` or ``dict(num_images=4, score_thr=0.3)``):
+    when set, adds mmengine's TensorBoard backend to the visualizer (losses, learning rate and the
+    COCO metrics) and a :class:`DetectionImagesHook`. Needs the ``tensorboard`` extra."""
+    option = cfg.get("tensorboard", False)
+    if option is False or option is None:
+        return
+    if option is True:
+        option = {}
+    if not isinstance(option, dict):
+        raise OptionError(f"tensorboard must be False, True or a dict(num_images=..., score_thr=...), got {option!r}")
+    check_known_keys("tensorboard", option.keys(), set(_parameters(DetectionImagesHook.__init__)))
+    require_extra("tensorboard", extra="tensorboard", what="tensorboard=True (--tensorboard)")
+    visualizer = cfg.setdefault("visualizer", dict(type="Visualizer", vis_backends=[dict(type="LocalVisBackend")]))
+    backends = visualizer.setdefault("vis_backends", [])
+    if not any(b.get("type") == "TensorboardVisBackend" for b in backends):
+        backends.append(dict(type="TensorboardVisBackend"))
+    hooks = cfg.setdefault("custom_hooks", [])
+    if not any(h.get("type") == "DetectionImagesHook" for h in hooks):
+        hooks.append(dict(type="DetectionImagesHook", **option))

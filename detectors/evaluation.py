@@ -41,6 +41,12 @@ __all__ = [
     "require_extra",
     "check_backend",
     "run_cocoeval",
+    "coco_summary",
+    "markdown_row",
+    "COCO_STAT_NAMES",
+    "AP_NAMES",
+    "AP_COLUMNS",
+    "MARKDOWN_HEADER",
     "per_class_ap",
     "per_class_markdown",
     "per_class_csv",
@@ -62,7 +68,13 @@ BACKENDS = ("pycocotools", "fast")
 # ignores) is not an error. The missed ground truth is the fifth kind of error.
 DETECTION_KINDS = ("tp", "duplicate", "wrong_class", "background", "crowd")
 ERROR_KINDS = ("duplicate", "wrong_class", "background", "missed")
-PER_CLASS_COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+# COCOeval.stats in order, by the names the metric logs them under (``coco/bbox_<name>``); the first
+# six are box AP, printed under AP_COLUMNS in every table of the tools.
+COCO_STAT_NAMES = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l",
+                   "AR_1", "AR_10", "AR_100", "AR_s", "AR_m", "AR_l")
+AP_NAMES = COCO_STAT_NAMES[:6]
+AP_COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+MARKDOWN_HEADER = "| " + " | ".join(AP_COLUMNS) + " |\n|" + " --- |" * len(AP_COLUMNS)
 CONFUSION_SCORE_THR = 0.3  # a typical deployment threshold; below it AP still counts detections
 
 
@@ -140,6 +152,22 @@ def run_cocoeval(coco_gt, detections: list[dict], img_ids: Sequence[int] | None 
     return ev, "\n".join(lines) + "\n"
 
 
+def coco_summary(coco_gt, detections: list[dict], img_ids: Sequence[int] | None = None, *,
+                 backend: str = "pycocotools") -> tuple[np.ndarray, str]:
+    """Run COCO box evaluation; returns the 12 stats (:data:`COCO_STAT_NAMES`) and the summary lines.
+
+    ``detections`` are COCO result dicts (``image_id``, ``category_id``, ``bbox`` xywh, ``score``).
+    With no detections every stat is 0, or -1 (pycocotools' "no ground truth of that size").
+    """
+    ev, text = run_cocoeval(coco_gt, detections, img_ids, backend=backend)
+    return np.asarray(ev.stats[:12], dtype=np.float64), text
+
+
+def markdown_row(stats) -> str:
+    """AP, AP50, AP75, APs, APm, APl in percent; pycocotools' -1 (no ground truth of that size) is n/a."""
+    return "| " + " | ".join("n/a" if v < 0 else f"{100 * v:.1f}" for v in stats[:6]) + " |"
+
+
 # --------------------------------------------------------------------------- per-class AP, PR curves
 
 
@@ -171,7 +199,7 @@ def per_class_ap(ev) -> list[dict]:
     Returns:
         one dict per category in ``params.catIds`` order: ``category_id``, ``class``, ``gt`` (the
         number of non-crowd ground-truth boxes in the evaluated images), and the
-        :data:`PER_CLASS_COLUMNS` as fractions.
+        :data:`AP_COLUMNS` as fractions.
     """
     p = ev.params
     precision = ev.eval["precision"]  # [T, R, K, A, M]
@@ -202,7 +230,7 @@ def per_class_ap(ev) -> list[dict]:
 def _mean_row(rows: list[dict]) -> dict:
     """The mean over categories with a value (-1 where none): pycocotools' overall stats."""
     out = {"category_id": "", "class": "all (mean)", "gt": sum(r["gt"] for r in rows)}
-    for col in PER_CLASS_COLUMNS:
+    for col in AP_COLUMNS:
         values = [r[col] for r in rows if r[col] > -1]
         out[col] = float(np.mean(values)) if values else -1.0
     return out
@@ -210,10 +238,10 @@ def _mean_row(rows: list[dict]) -> dict:
 
 def per_class_markdown(rows: list[dict]) -> str:
     """A Markdown table, AP figures in percent, n/a where a category has no ground truth (of that size)."""
-    lines = ["| class | GT boxes | " + " | ".join(PER_CLASS_COLUMNS) + " |",
-             "| --- | ---: | " + " | ".join("---:" for _ in PER_CLASS_COLUMNS) + " |"]
+    lines = ["| class | GT boxes | " + " | ".join(AP_COLUMNS) + " |",
+             "| --- | ---: | " + " | ".join("---:" for _ in AP_COLUMNS) + " |"]
     for r in list(rows) + [_mean_row(rows)]:
-        values = ["n/a" if r[c] < 0 else f"{100 * r[c]:.1f}" for c in PER_CLASS_COLUMNS]
+        values = ["n/a" if r[c] < 0 else f"{100 * r[c]:.1f}" for c in AP_COLUMNS]
         lines.append(f"| {r['class']} | {r['gt']} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 
@@ -222,10 +250,10 @@ def per_class_csv(rows: list[dict]) -> str:
     """CSV text: one line per category and a mean line; AP as fractions, empty where n/a."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(("category_id", "class", "gt") + PER_CLASS_COLUMNS)
+    writer.writerow(("category_id", "class", "gt") + AP_COLUMNS)
     for r in list(rows) + [_mean_row(rows)]:
         writer.writerow([r["category_id"], r["class"], r["gt"]]
-                        + ["" if r[c] < 0 else f"{r[c]:.6f}" for c in PER_CLASS_COLUMNS])
+                        + ["" if r[c] < 0 else f"{r[c]:.6f}" for c in AP_COLUMNS])
     return buf.getvalue()
 
 

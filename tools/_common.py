@@ -63,7 +63,7 @@ def load_config(path: str, *, box_loss=None, nms=None, data_root=None, work_dir=
     """
     from mmengine.config import Config
 
-    from detectors.engine import check_config
+    from detectors.engine import apply_tensorboard, check_config
 
     if not os.path.isfile(path):
         raise OptionError(f"config file {path!r} does not exist")
@@ -88,6 +88,7 @@ def load_config(path: str, *, box_loss=None, nms=None, data_root=None, work_dir=
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     check_config(cfg)
+    apply_tensorboard(cfg)
     if work_dir is not None:
         cfg.work_dir = work_dir
     elif cfg.get("work_dir") is None:

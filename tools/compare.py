@@ -44,10 +44,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import BOX_LOSSES, NMS_NAMES, cpu_name, load_config, run_tool  # noqa: E402
 
 from detectors.errors import DataError, OptionError  # noqa: E402
+from detectors.evaluation import AP_COLUMNS, AP_NAMES  # noqa: E402
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
-METRICS = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")
-HEADER = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 RESULT_FORMAT = 1
 
 
@@ -150,13 +149,13 @@ def aggregate(runs: list[dict], losses: list[str], nms_names: list[str], title: 
     md.write(f"{title}\n\nCOCO box AP (%) on the validation split at the final epoch.\n")
     for nms in nms_names:
         md.write(f"\n### {nms} NMS: mean ± std over seeds\n\n")
-        md.write("| box loss | seeds | " + " | ".join(HEADER) + " |\n|" + " --- |" * (len(HEADER) + 2) + "\n")
+        md.write("| box loss | seeds | " + " | ".join(AP_COLUMNS) + " |\n|" + " --- |" * (len(AP_COLUMNS) + 2) + "\n")
         for loss in losses:
             finals = [by_key[k]["final"][nms] for k in sorted(by_key) if k[0] == loss and nms in by_key[k]["final"]]
             if not finals:
                 continue
             cells = []
-            for m in METRICS:
+            for m in AP_NAMES:
                 values = [f[m] for f in finals]
                 if any(v < 0 for v in values):  # pycocotools' -1: no ground truth of that size
                     cells.append("n/a")
@@ -165,7 +164,7 @@ def aggregate(runs: list[dict], losses: list[str], nms_names: list[str], title: 
                 cells.append(f"{100 * mean:.1f}" + ("" if std is None else f" ± {100 * std:.1f}"))
             md.write(f"| {loss} | {len(finals)} | " + " | ".join(cells) + " |\n")
         md.write(f"\n### {nms} NMS: paired difference to {baseline} (same seed), mean [95 % CI]\n\n")
-        md.write("| box loss | pairs | " + " | ".join(HEADER[:5]) + " |\n|" + " --- |" * 7 + "\n")
+        md.write("| box loss | pairs | " + " | ".join(AP_COLUMNS[:5]) + " |\n|" + " --- |" * 7 + "\n")
         for loss in losses[1:]:
             md.write(_diff_row(loss, [(by_key.get((loss, s)), by_key.get((baseline, s))) for s in _seeds(by_key)],
                                nms, nms))
@@ -173,7 +172,7 @@ def aggregate(runs: list[dict], losses: list[str], nms_names: list[str], title: 
         first = nms_names[0]
         for nms in nms_names[1:]:
             md.write(f"\n### {nms} NMS minus {first} NMS (same checkpoint), mean [95 % CI]\n\n")
-            md.write("| box loss | pairs | " + " | ".join(HEADER[:5]) + " |\n|" + " --- |" * 7 + "\n")
+            md.write("| box loss | pairs | " + " | ".join(AP_COLUMNS[:5]) + " |\n|" + " --- |" * 7 + "\n")
             for loss in losses:
                 pairs = [(by_key.get((loss, s)), by_key.get((loss, s))) for s in _seeds(by_key)]
                 md.write(_diff_row(loss, pairs, nms, first))
@@ -181,12 +180,12 @@ def aggregate(runs: list[dict], losses: list[str], nms_names: list[str], title: 
              "t = 4.30, so only differences several times the seed-to-seed spread are marked.\n")
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["box_loss", "seed", "nms", *HEADER])
+    writer.writerow(["box_loss", "seed", "nms", *AP_COLUMNS])
     for (loss, seed), r in sorted(by_key.items(), key=lambda kv: (losses.index(kv[0][0]) if kv[0][0] in losses
                                                                    else len(losses), kv[0][1])):
         for nms in nms_names:
             if nms in r["final"]:
-                writer.writerow([loss, seed, nms, *(f"{r['final'][nms][m]:.4f}" for m in METRICS)])
+                writer.writerow([loss, seed, nms, *(f"{r['final'][nms][m]:.4f}" for m in AP_NAMES)])
     return md.getvalue(), buf.getvalue()
 
 
@@ -200,7 +199,7 @@ def _diff_row(loss, pairs, nms, base_nms) -> str:
     if not pairs:
         return f"| {loss} | 0 |" + " |" * 5 + "\n"
     cells = []
-    for m in METRICS[:5]:
+    for m in AP_NAMES[:5]:
         values = [a["final"][nms][m] for a, _ in pairs]
         base = [b["final"][base_nms][m] for _, b in pairs]
         if any(v < 0 for v in values + base):
@@ -263,7 +262,7 @@ def _evaluate(args, loss, seed, work_dir, checkpoint) -> dict:
                           cfg_options=_options(args, seed))
         cfg.load_from, cfg.resume = checkpoint, False
         metrics = BoxLossRunner.from_cfg(cfg).test()
-        finals[nms] = {m: float(metrics[f"coco/bbox_{m}"]) for m in METRICS}
+        finals[nms] = {m: float(metrics[f"coco/bbox_{m}"]) for m in AP_NAMES}
     return finals
 
 
@@ -320,7 +319,7 @@ def run_one(args, loss: str, seed: int) -> dict:
         "data_root": args.data_root,
         "config_hash": config_hash,
         "final": _evaluate(args, loss, seed, work_dir, checkpoint),
-        "per_epoch": {str(e): {m: v[m] for m in METRICS if m in v} for e, v in read_curves(work_dir)[1].items()},
+        "per_epoch": {str(e): {m: v[m] for m in AP_NAMES if m in v} for e, v in read_curves(work_dir)[1].items()},
         "train_seconds": round(train_seconds, 1),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
                    f"{__import__('torch').get_num_threads()}",

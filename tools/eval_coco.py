@@ -27,12 +27,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402,F401  (repo root on sys.path)
 
-MARKDOWN_HEADER = "| AP | AP50 | AP75 | APs | APm | APl |\n| --- | --- | --- | --- | --- | --- |"
-
-
-def markdown_row(stats) -> str:
-    """AP, AP50, AP75, APs, APm, APl in percent; pycocotools' -1 (no ground truth of that size) is n/a."""
-    return "| " + " | ".join("n/a" if v < 0 else f"{100 * v:.1f}" for v in stats[:6]) + " |"
+from detectors.evaluation import MARKDOWN_HEADER, markdown_row  # noqa: E402  (re-exported for the tools)
 
 
 def check_detections(dets, dets_file: str, gt) -> None:
@@ -91,7 +86,7 @@ def load(gt_file: str, dets_file: str):
 
 def evaluate(gt_file: str, dets_file: str, *, backend: str = "pycocotools"):
     """Returns (12 COCO stats, pycocotools' summary text)."""
-    from detectors.engine import coco_summary
+    from detectors.evaluation import coco_summary
 
     return coco_summary(*load(gt_file, dets_file), backend=backend)
 

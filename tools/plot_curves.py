@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import run_tool  # noqa: E402  (also puts the repo root on sys.path)
 
 from detectors.errors import DataNotFoundError  # noqa: E402
+from detectors.evaluation import AP_NAMES  # noqa: E402
 
 METRIC_PREFIX = "coco/bbox_"
 
@@ -61,7 +62,7 @@ def plot(work_dir: str, out: str) -> str:
         ax1.plot(steps, [train[s][key] for s in steps], label=key, lw=1.5 if key == "loss" else 1)
     ax1.set(xlabel="iteration", ylabel="loss", title="training loss")
     ax1.legend(fontsize=8)
-    for key in ("mAP", "mAP_50", "mAP_75"):
+    for key in AP_NAMES[:3]:  # AP, AP50, AP75
         epochs = [e for e in val if key in val[e]]
         if epochs:
             ax2.plot(epochs, [val[e][key] for e in epochs], marker="o", label=key)

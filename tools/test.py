@@ -62,14 +62,13 @@ def main(argv=None):
 
     from detectors.runner import BoxLossRunner
 
-    from eval_coco import MARKDOWN_HEADER, markdown_row
+    from detectors.evaluation import AP_NAMES, MARKDOWN_HEADER, markdown_row
 
     with removed_on_failure(work_dir):
         runner = BoxLossRunner.from_cfg(cfg)
         metrics = runner.test()
     if runner.rank == 0:
-        keys = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")
-        stats = [metrics[f"coco/bbox_{k}"] for k in keys]
+        stats = [metrics[f"coco/bbox_{k}"] for k in AP_NAMES]
         print(MARKDOWN_HEADER)
         print(markdown_row(stats))
         if args.out:

@@ -21,8 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import BOX_LOSSES, NMS_NAMES, load_config, removed_on_failure, run_tool, setup_cpu_distributed  # noqa: E402
 
 from detectors.errors import OptionError  # noqa: E402
+from detectors.evaluation import AP_NAMES  # noqa: E402
 
-METRIC_KEYS = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")
 
 
 def parse_args(argv=None):
@@ -38,6 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="resume from the newest readable checkpoint in the work dir, or from the given one")
     p.add_argument("--amp", action="store_true", help="mixed precision (needs CUDA)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log to TensorBoard: losses, lr, COCO metrics and 4 validation images with their "
+                        "detections (the config key tensorboard=...; pip install 'boxloss[tensorboard]')")
     p.add_argument("--cfg-options", nargs="+", action=DictAction, help="override config keys: k=v k2.sub=v2")
     p.add_argument("--launcher", choices=("none", "pytorch", "slurm"), default="none", help="job launcher")
     p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -52,8 +55,11 @@ def main(argv=None):
         raise OptionError("--amp needs a CUDA device, and torch.cuda.is_available() is False here; "
                           "train without --amp on the CPU")
     os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    options = dict(args.cfg_options or {})
+    if args.tensorboard and not options.get("tensorboard"):
+        options["tensorboard"] = True
     cfg = load_config(args.config, box_loss=args.box_loss, nms=args.nms, data_root=args.data_root,
-                      work_dir=args.work_dir, cfg_options=args.cfg_options)
+                      work_dir=args.work_dir, cfg_options=options)
     cfg.launcher = args.launcher
     if args.amp:
         cfg.optim_wrapper.type = "AmpOptimWrapper"
@@ -82,7 +88,7 @@ def main(argv=None):
 
 
 def _print_table(cfg, stats) -> None:
-    from eval_coco import MARKDOWN_HEADER, markdown_row
+    from detectors.evaluation import MARKDOWN_HEADER, markdown_row
 
     print(f"final validation, COCO box AP (%), box loss {cfg.model.box_loss}, nms {cfg.model.nms}:")
     print(MARKDOWN_HEADER)
@@ -109,7 +115,7 @@ def _report_if_finished(cfg, resume: str) -> bool:
     except FileNotFoundError:
         val = {}
     if val:
-        _print_table(cfg, [val[max(val)][k] for k in METRIC_KEYS])
+        _print_table(cfg, [val[max(val)][k] for k in AP_NAMES])
     else:
         print(f"no validation results in {cfg.work_dir}; evaluate it with tools/test.py {shlex.quote(path)}")
     return True
@@ -118,7 +124,7 @@ def _report_if_finished(cfg, resume: str) -> bool:
 def _last_val_stats(runner) -> list[float] | None:
     """AP, AP50, AP75, APs, APm, APl of the last validation, from mmengine's message hub."""
     scalars = runner.message_hub.log_scalars
-    keys = [f"val/coco/bbox_{k}" for k in METRIC_KEYS]
+    keys = [f"val/coco/bbox_{k}" for k in AP_NAMES]
     if not all(k in scalars for k in keys):
         return None
     return [float(scalars[k].current()) for k in keys]

@@ -16,8 +16,9 @@ env_cfg = dict(
 )
 # scalars.json under work_dir/<timestamp>/vis_data/ feeds tools/plot_curves.py
 visualizer = dict(type="Visualizer", vis_backends=[dict(type="LocalVisBackend")])
-# TensorBoard as well (pip install 'boxloss[tensorboard]'; event files beside scalars.json):
-# visualizer = dict(type="Visualizer", vis_backends=[dict(type="LocalVisBackend"), dict(type="TensorboardVisBackend")])
+# True or dict(num_images=4, score_thr=0.3) (or tools/train.py --tensorboard): TensorBoard event files
+# beside scalars.json, and validation images with their detections drawn (pip install 'boxloss[tensorboard]')
+tensorboard = False
 log_processor = dict(window_size=50, by_epoch=True)
 log_level = "INFO"
 load_from = None

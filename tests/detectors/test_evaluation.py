@@ -353,6 +353,66 @@ def test_tensorboard_vis_backend_writes_events(tmp_path):
     assert [e.value for e in acc.Scalars("coco/bbox_mAP")] == [pytest.approx(0.25)]
 
 
+def test_tensorboard_option_checks_its_keys_and_names_the_extra(monkeypatch):
+    from mmengine.config import Config
+
+    from detectors.engine import apply_tensorboard
+
+    cfg = Config(dict(tensorboard=dict(num_imgs=2)))
+    with pytest.raises(OptionError, match=r"tensorboard.*num_imgs.*did you mean 'num_images'"):
+        apply_tensorboard(cfg)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    with pytest.raises(OptionError, match=r"needs tensorboard, an optional extra: pip install 'boxloss\[tensorboard\]'"):
+        apply_tensorboard(Config(dict(tensorboard=True)))
+    off = Config(dict(tensorboard=False))
+    apply_tensorboard(off)  # off: no extra needed, nothing added
+    assert "custom_hooks" not in off
+
+
+def test_detection_images_hook_draws_ground_truth_and_detections_where_they_are(tmp_path):
+    """A 64x64 black image, one ground-truth box and one detection: white pixels on the ground truth's
+    edge, the class colour on the detection's edge, nothing drawn for a detection under score_thr."""
+    from types import SimpleNamespace
+
+    import torch
+    from PIL import Image
+
+    from detectors.engine import _CLASS_COLOURS, DetectionImagesHook
+
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "a.png")
+    coco = SimpleNamespace(imgs={7: {"file_name": "a.png"}},
+                           imgToAnns={7: [{"bbox": [10, 12, 20, 30], "iscrowd": 0}]})
+    dataset = SimpleNamespace(coco=coco, img_dir=str(tmp_path), classes=("circle", "square"))
+    result = {"boxes": torch.tensor([[40.0, 5.0, 60.0, 25.0], [0.0, 40.0, 30.0, 60.0]]),
+              "scores": torch.tensor([0.9, 0.1]), "labels": torch.tensor([2, 1])}
+    image = DetectionImagesHook(num_images=1, score_thr=0.3).draw(dataset, 7, result)
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+    assert (image[12, 10:31] == 255).all() and (image[12:43, 10] == 255).all()  # the xywh box, as xyxy
+    colour = tuple(int(_CLASS_COLOURS[1][i:i + 2], 16) for i in (1, 3, 5))  # label 2 = the second class
+    assert tuple(image[25, 50]) == colour and tuple(image[15, 40]) == colour  # bottom and left edges
+    assert not image[50:60, 2:28].any()  # the 0.1 detection is not drawn, and nothing else is
+
+
+@pytest.mark.slow
+def test_tensorboard_flag_logs_metrics_and_detection_images(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install '.[tensorboard]')")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_train import _run, tiny_config
+
+    cfg = tiny_config(tmp_path, str(tmp_path / "shapes"), epochs=1)
+    run = _run([cfg, "--work-dir", str(tmp_path / "w"), "--tensorboard"], timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    folder = next(root for root, _, files in os.walk(tmp_path / "w") if any(f.startswith("events.out") for f in files))
+    acc = EventAccumulator(folder, size_guidance={"images": 0})
+    acc.Reload()
+    assert "coco/bbox_mAP" in acc.Tags()["scalars"] and "loss" in acc.Tags()["scalars"]
+    images = [t for t in acc.Tags()["images"] if t.startswith("detections/")]
+    assert len(images) == 4  # the tiny config's 4 validation images
+    assert all(acc.Images(t)[0].width == 64 for t in images)
+
+
 # --------------------------------------------------------------------------- the fast backend
 
 
