@@ -16,8 +16,11 @@ Two backends compute the same per-pair formulas, op for op (see :func:`resolve_b
   pthreads with the GIL released (ranges of >= 16384 pairs). CIoU's two angles are taken by
   ``torch.atan`` on the aspect-ratio columns, so they are the very values of the eager kernel.
   3-4x faster than the eager ops on CPU; see tools/bench_losses.py.
-* **eager**: PyTorch ops only (GPUs, and CPUs where the extension could not be built). How it is
-  fast without a compiler, each op writing into a preallocated row:
+* **triton** (the CUDA default where Triton is installed): ``boxloss._triton``, one fused forward
+  kernel writing the loss and the saved rows, one backward kernel; the same formulas as the
+  compiled loops. ``TRITON_INTERPRET=1`` runs it on CPU tensors through Triton's interpreter.
+* **eager**: PyTorch ops only (GPUs without Triton, other devices, and CPUs where the extension
+  could not be built). How it is fast without a compiler, each op writing into a preallocated row:
 
 * **Coordinate rows, chunk by chunk.** A chunk of pairs (128k on CPU) is transposed once into
   rows (x1, y1, x2, y2) per box, so every later op runs on contiguous rows and handles x and y
@@ -75,6 +78,7 @@ Better Learning for Bounding Box Regression", AAAI 2020, arXiv:1911.08287.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import threading
@@ -91,7 +95,7 @@ except ImportError:  # pragma: no cover - depends on the build
     _native = None
 
 __all__ = ["iou_family_loss", "IoUFamilyLoss", "KINDS", "BACKENDS", "default_chunk", "native_available",
-           "resolve_backend"]
+           "triton_available", "resolve_backend", "check_same_device"]
 
 KINDS = ("iou", "giou", "diou", "ciou")
 _K4 = 4 / math.pi**2  # CIoU's v = 4/pi^2 * delta^2
@@ -103,7 +107,7 @@ _K4 = 4 / math.pi**2  # CIoU's v = 4/pi^2 * delta^2
 # * idle machine: 128k-pair chunks (ops of 128k-512k numbers, spread over the cores; a 25 MB
 #   workspace) are fastest; 16k-pair chunks of serial ops are ~1.2x slower, 8k ~1.4x.
 # * cores busy with other processes: parallel regions wait for a descheduled worker, and 16k-pair
-#   chunks, where every op is cut to <= _SERIAL numbers and stays serial (see _parts), are
+#   chunks, where every op is cut to <= _SERIAL numbers and stays serial (see _serial_parts), are
 #   1.2-1.3x faster: set BOXLOSS_CPU_CHUNK=16384 there (or pass chunk=16384). Without
 #   OMP_WAIT_POLICY=PASSIVE on a busy machine (spin-waiting workers), the serial regime also
 #   avoids the many-second stalls that many short parallel ops then hit.
@@ -113,7 +117,7 @@ _CUDA_CHUNK = 1 << 20  # GPU: one launch per op over up to 1M pairs (workspace ~
 _BACKWARD_CHUNK = 1 << 17  # backward: a few memory-bound ops
 
 
-BACKENDS = ("auto", "native", "eager")
+BACKENDS = ("auto", "native", "eager", "triton")
 _KIND_ID = {k: i for i, k in enumerate(KINDS)}
 _DTYPE_BITS = {torch.float32: 32, torch.float64: 64}
 
@@ -123,12 +127,29 @@ def native_available() -> bool:
     return _native is not None
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """``"native"`` or ``"eager"`` for a call on ``device``.
+def triton_available() -> bool:
+    """Whether the Triton package is installed (imported only when a kernel is launched)."""
+    global _HAS_TRITON
+    if _HAS_TRITON is None:
+        _HAS_TRITON = importlib.util.find_spec("triton") is not None
+    return _HAS_TRITON
 
-    ``None`` reads ``$BOXLOSS_KERNEL`` (default ``"auto"``). ``"auto"``: the compiled loops for CPU
-    tensors when they are built, else the eager PyTorch ops (always on GPUs). ``"native"`` insists
-    on the compiled loops and raises where they cannot run.
+
+_HAS_TRITON: bool | None = None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """``"native"``, ``"eager"`` or ``"triton"`` for a call on ``device``.
+
+    ``None`` reads ``$BOXLOSS_KERNEL`` (default ``"auto"``). ``"auto"``: on CPU tensors the compiled
+    loops when they are built, else the eager PyTorch ops; on CUDA tensors the Triton kernels when
+    Triton is installed, else the eager ops; the eager ops on any other device. ``"native"``
+    insists on the compiled loops, ``"triton"`` on the Triton kernels (CUDA tensors, or CPU
+    tensors through Triton's interpreter with ``TRITON_INTERPRET=1``), and raise where they cannot run.
     """
     source = "backend"
     if backend is None:
@@ -137,16 +158,61 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         raise ValueError(f"{source} must be one of {BACKENDS}, got {backend!r}")
     if backend == "eager":
         return "eager"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{source}='triton' needs the triton package, which is not installed")
+        if device.type == "cuda" or (device.type == "cpu" and _interpreting()):
+            return "triton"
+        raise ValueError(f"{source}='triton' runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1, "
+                         f"Triton's interpreter), got device {device}")
     if device.type != "cpu":
         if backend == "native":
             raise ValueError(f"{source}='native' runs on CPU tensors only, got device {device}")
-        return "eager"
+        return "triton" if device.type == "cuda" and triton_available() else "eager"
     if _native is None:
         if backend == "native":
             raise RuntimeError(f"{source}='native' needs the compiled extension boxloss._native, which is not "
                                "built: reinstall with a C compiler present (pip install -e .)")
         return "eager"
     return "native"
+
+
+def check_same_device(pred: Tensor, **others: Tensor | None) -> None:
+    """ValueError unless every tensor of ``others`` (by argument name; None skipped) is on ``pred``'s device.
+
+    The kernels read raw pointers: a CUDA ``target`` beside a CPU ``pred`` would hand a device
+    pointer to the CPU loops, and a CPU one beside a CUDA ``pred`` would be copied to the device
+    chunk by chunk. A 0-d tensor is no exception (the losses take no scalar tensors).
+    """
+    for name, t in others.items():
+        if t is not None and t.device != pred.device:
+            raise ValueError(f"{name} must be on the same device as pred ({pred.device}), got {name} on {t.device}")
+
+
+_triton_modules: dict = {}
+
+
+def _triton_module():
+    """``boxloss._triton``, its kernels interpreted when ``TRITON_INTERPRET=1`` now.
+
+    Triton decides at decoration (import) time whether a kernel is compiled or interpreted; if the
+    variable changed since the first import, a second copy of the module is loaded the other way.
+    """
+    interpret = _interpreting()
+    mod = _triton_modules.get(interpret)
+    if mod is None:
+        from . import _triton
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if isinstance(_triton._forward_kernel, InterpretedFunction) == interpret:
+            mod = _triton
+        else:
+            spec = importlib.util.spec_from_file_location(
+                f"boxloss._triton_{'interpreted' if interpret else 'compiled'}", _triton.__file__)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)  # decorated under the current TRITON_INTERPRET
+        mod = _triton_modules.setdefault(interpret, mod)
+    return mod
 
 
 def default_chunk(device: torch.device, dtype: torch.dtype = torch.float32) -> int:
@@ -161,7 +227,11 @@ def default_chunk(device: torch.device, dtype: torch.dtype = torch.float32) -> i
     return int(env)
 
 
-def _parts(*tensors: Tensor) -> list[tuple[Tensor, ...]]:
+def _whole(*tensors: Tensor) -> list[tuple[Tensor, ...]]:
+    return [tensors]
+
+
+def _serial_parts(*tensors: Tensor) -> list[tuple[Tensor, ...]]:
     """Same-shaped tensors split along dim 0 into pieces of at most _SERIAL numbers, where that is
     possible (small chunks: every op serial); else whole (large chunks: fewer, parallel ops)."""
     k = -(-tensors[0].numel() // _SERIAL)
@@ -180,7 +250,9 @@ class _Consts:
     _cache: dict = {}
 
     @classmethod
-    def get(cls, device: torch.device, dtype: torch.dtype, eps: float = 1e-7) -> "_Consts":
+    def get(cls, device: torch.device, dtype: torch.dtype, eps: float = 1e-7, fake: bool = False) -> "_Consts":
+        if fake:  # fake tensors (shape propagation) must never be handed to a real call later
+            return cls(device, dtype, eps)
         key = (device, dtype, eps)
         c = cls._cache.get(key)
         if c is None:
@@ -225,6 +297,9 @@ class _Workspace:
 
     def __init__(self, cap: int, device: torch.device, dtype: torch.dtype):
         self.cap = cap
+        # CPU ops of more than _SERIAL numbers open an OpenMP region: cut into serial pieces there.
+        # A GPU op is one launch whatever its size: pieces would only multiply the launches.
+        self.split = device.type == "cpu"
         stride = cap + self._PAD
         sizes = {k: math.prod(s) for k, s in self._SHAPES.items()}
         flat = torch.empty(sum(sizes.values()) * stride, device=device, dtype=dtype)
@@ -283,7 +358,8 @@ class _Workspace:
         w.GX0, w.GX1, w.GX2 = SZ[0:3].unbind(0)
         w.s = S.unbind(0)
         w.s01, w.s23 = S[0:2], S[2:4]
-        # the ops on more than [2, c], cut into serial pieces (see _SERIAL)
+        # the ops on more than [2, c], cut into serial pieces on CPU (see _SERIAL)
+        _parts = _serial_parts if self.split else _whole
         w.sz4, w.sz3 = _parts(w.Qhi, w.Qlo, SZ), _parts(w.Qhi3, w.Qlo3, w.SZ3)
         w.df = _parts(w.Q0f, w.Q1f, w.Df)
         w.clamp = _parts(w.SZ3, CL)
@@ -295,20 +371,35 @@ class _Workspace:
         return w
 
 
-# CPU workspaces are kept between calls, one per thread and dtype (25 MB at the default chunk):
-# allocating (page faults) and viewing them again would cost more than a small input's whole loss.
+# Workspaces are kept between calls, one per thread, device and dtype (25 MB at the CPU chunk):
+# allocating (page faults on CPU) and building its ~100 views again (~170 us of Python) would cost
+# more than a small input's whole loss. On a GPU a workspace is tied to the stream it was first
+# used on (the caching allocator's rule for reuse without synchronisation): one per stream.
 _local = threading.local()
 
 
-def _workspace(c: int, device: torch.device, dtype: torch.dtype) -> _Workspace:
-    if device.type != "cpu":
-        return _Workspace(c, device, dtype)  # the caching allocator makes this cheap on GPUs
+def _stream_key(device: torch.device):
+    if device.type == "cuda" and torch.cuda.is_initialized():
+        return torch.cuda.current_stream(device).stream_id
+    return None
+
+
+# a GPU workspace starts at 64k pairs (12 MB in float32) and grows to the largest chunk seen
+_GPU_MIN_WORKSPACE = 1 << 16
+
+
+def _workspace(c: int, device: torch.device, dtype: torch.dtype, fake: bool = False) -> _Workspace:
+    if fake:  # fake tensors (shape propagation) are never cached
+        return _Workspace(c, device, dtype)
     cache = getattr(_local, "workspaces", None)
     if cache is None:
         cache = _local.workspaces = {}
-    ws = cache.get(dtype)
+    key = (device, dtype, _stream_key(device))
+    ws = cache.get(key)
     if ws is None or ws.cap < c:
-        ws = cache[dtype] = _Workspace(max(c, default_chunk(device, dtype)), device, dtype)
+        ws = _Workspace(max(c, default_chunk(device, dtype) if device.type == "cpu" else _GPU_MIN_WORKSPACE),
+                        device, dtype)
+        cache[key] = ws
     return ws
 
 
@@ -362,8 +453,14 @@ class _Pool:
 _pool = _Pool()
 
 
-def _empty(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
-    if device.type == "cpu":
+def _is_fake(t: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
+def _empty(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, fake: bool = False) -> Tensor:
+    if device.type == "cpu" and not fake:
         return _pool.empty(shape, dtype)
     return torch.empty(shape, device=device, dtype=dtype)  # the CUDA caching allocator does this
 
@@ -391,7 +488,7 @@ def _run_chunks(n: int, c: int, body) -> None:
 def _transpose_into(w: SimpleNamespace, p: Tensor, t: Tensor) -> None:
     """Coordinate rows of the chunk: pred into rows 0-3, target into 4-7 (the only strided reads)."""
     c = p.shape[0]
-    if 4 * c <= _SERIAL or 2 * c > _SERIAL:  # one serial op, or halves would not be serial anyway
+    if p.device.type != "cpu" or 4 * c <= _SERIAL or 2 * c > _SERIAL:  # one op, or halves would not be serial
         w.Q0f.copy_(p.t())
         w.Q1f.copy_(t.t())
         return
@@ -609,13 +706,18 @@ def _forward(
     gated: bool,
     grad_rows: int,
     chunk: int | None,
-    native: bool = False,
+    backend: str = "eager",
 ) -> tuple[Tensor, Tensor | None]:
-    """Loss ``[N]`` and the q-form gradient rows ``[grad_rows, N]`` (None for ``grad_rows == 0``)."""
+    """Loss ``[N]`` and the q-form gradient rows ``[grad_rows, N]`` (None for ``grad_rows == 0``).
+
+    ``backend``: ``"native"``, ``"eager"`` or ``"triton"`` (resolved, see :func:`resolve_backend`).
+    """
+    if backend == "triton":
+        return _triton_module().forward(kind, pred, target, eps, log, paper, gated, grad_rows)
     p = pred.detach().reshape(-1, 4)
     t = target.detach().reshape(-1, 4)
     n, device, dtype = p.shape[0], p.device, p.dtype
-    if native:
+    if backend == "native":
         p, t = p.contiguous(), t.contiguous()
         loss = _empty((n,), device, dtype)
         grad = _empty((grad_rows, n), device, dtype) if grad_rows else None
@@ -630,17 +732,19 @@ def _forward(
                             n, float(eps), grad_rows, int(log), int(paper), int(gated), threads)
         return loss, grad
     chunk = chunk or default_chunk(device, dtype)
+    fake = _is_fake(p)
     # one padded chunk for a short input; else full chunks, the last one overlapping its neighbour
     c = n if n >= chunk or chunk % _BUCKET else min(-(-n // _BUCKET) * _BUCKET, chunk)
     m = max(n, c)
-    loss = _empty((m,), device, dtype)
-    grad = _empty((grad_rows, m), device, dtype) if grad_rows else None
+    loss = _empty((m,), device, dtype, fake)
+    grad = _empty((grad_rows, m), device, dtype, fake) if grad_rows else None
     if n == 0:
         return loss, grad
     c = min(c, chunk)
-    k = _Consts.get(device, dtype, eps)
+    k = _Consts.get(device, dtype, eps, fake)
+
     def body(s: int) -> None:
-        w = _workspace(c, device, dtype).views(c)
+        w = _workspace(c, device, dtype, fake).views(c)
         e = s + c
         g = None if grad is None else grad[:, s:e]
         if e > n:  # the padded chunk: zero boxes in the padding (finite everything), results cut off
@@ -672,6 +776,16 @@ def _backward_native(grad_out: Tensor, g: Tensor, need_target: bool) -> tuple[Te
     return gp, gt
 
 
+def _backward_any(grad_out: Tensor, g: Tensor, need_target: bool, chunk: int | None,
+                  backend: str) -> tuple[Tensor, Tensor | None]:
+    """:func:`_backward` of ``backend`` (resolved: ``"native"``, ``"eager"`` or ``"triton"``)."""
+    if backend == "native":
+        return _backward_native(grad_out, g, need_target)
+    if backend == "triton":
+        return _triton_module().backward(grad_out, g, need_target)
+    return _backward(grad_out, g, need_target, chunk)
+
+
 def _backward(grad_out: Tensor, g: Tensor, need_target: bool, chunk: int | None) -> tuple[Tensor, Tensor | None]:
     """``[N, 4]`` gradients of pred and target from the saved q-form rows ``g`` and ``dL_total/dL``.
 
@@ -682,9 +796,9 @@ def _backward(grad_out: Tensor, g: Tensor, need_target: bool, chunk: int | None)
     writing into the transposed view, whose inner loop is 4 long).
     """
     rows, n = g.shape
-    device, dtype = g.device, g.dtype
-    gp = _empty((n, 4), device, dtype)
-    gt = _empty((n, 4), device, dtype) if need_target else None
+    device, dtype, fake = g.device, g.dtype, _is_fake(g)
+    gp = _empty((n, 4), device, dtype, fake)
+    gt = _empty((n, 4), device, dtype, fake) if need_target else None
     if n == 0:
         return gp, gt
     go = grad_out.reshape(1, n)  # "sum" gives a stride-0 (expanded) gradient; "mean" a materialised one
@@ -692,10 +806,10 @@ def _backward(grad_out: Tensor, g: Tensor, need_target: bool, chunk: int | None)
     c = min(n, max(chunk, _BACKWARD_CHUNK) if device.type == "cpu" else chunk)
     if device.type == "cpu" and 2 * chunk <= _SERIAL:  # the serial regime (see _CPU_CHUNK)
         c = min(n, _SERIAL // 4)  # the [c, 4] copies stay serial too
-    k = _Consts.get(device, dtype)
+    k = _Consts.get(device, dtype, fake=fake)
 
     def body(s: int) -> None:
-        bw = _workspace(c, device, dtype).buf["R"][0:8, :c]  # pred (lo, hi), target (lo, hi)
+        bw = _workspace(c, device, dtype, fake).buf["R"][0:8, :c]  # pred (lo, hi), target (lo, hi)
         e = s + c
         gs, gos = g[:, s:e], go[:, s:e]
         # saved rows are d(-L)/dq, q = (-x1, -y1, x2, y2): lo rows are dL/dx1 already, hi rows flip
@@ -718,16 +832,16 @@ class IoUFamilyLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, pred, target, kind, eps, log, paper, gated, chunk, native=False):
+    def forward(ctx, pred, target, kind, eps, log, paper, gated, chunk, backend="eager"):
         need_p, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         rows = 6 if need_t else (4 if need_p else 0)
-        loss, g = _forward(kind, pred, target, eps, log, paper, gated, rows, chunk, native)
+        loss, g = _forward(kind, pred, target, eps, log, paper, gated, rows, chunk, backend)
         if g is not None:
             ctx.save_for_backward(g)
         ctx.need = (need_p, need_t)
         ctx.shape = pred.shape
         ctx.chunk = chunk
-        ctx.native = native
+        ctx.backend = backend
         return loss.view(pred.shape[:-1])
 
     @staticmethod
@@ -737,10 +851,7 @@ class IoUFamilyLoss(torch.autograd.Function):
         if not (need_p or need_t):
             return (None,) * 9
         (g,) = ctx.saved_tensors
-        if ctx.native:
-            gp, gt = _backward_native(grad_out, g, need_t)
-        else:
-            gp, gt = _backward(grad_out, g, need_t, ctx.chunk)
+        gp, gt = _backward_any(grad_out, g, need_t, ctx.chunk, ctx.backend)
         return (
             gp.view(ctx.shape) if need_p else None,
             gt.view(ctx.shape) if need_t else None,
@@ -778,9 +889,10 @@ def iou_family_loss(
         alpha: ``"standard"`` or ``"gated"`` (MMDetection: alpha = 0 where IoU <= 0.5).
         chunk: pairs per chunk of the eager path (default :func:`default_chunk`); results do not
             depend on it.
-        backend: ``"auto"`` (the compiled CPU loops of ``boxloss._native`` where they are built and
-            the tensors are on the CPU, else eager PyTorch ops), ``"native"`` or ``"eager"``;
-            ``None`` reads ``$BOXLOSS_KERNEL`` (default ``"auto"``). See :func:`resolve_backend`.
+        backend: ``"auto"`` (CPU tensors: the compiled loops of ``boxloss._native`` where they are
+            built, else eager PyTorch ops; CUDA tensors: the Triton kernels where Triton is
+            installed, else eager), ``"native"``, ``"eager"`` or ``"triton"``; ``None`` reads
+            ``$BOXLOSS_KERNEL`` (default ``"auto"``). See :func:`resolve_backend`.
 
     Returns:
         The unreduced loss ``[...]``. Its backward needs 6 numbers per pair (4 when ``target``
@@ -797,17 +909,28 @@ def iou_family_loss(
     if pred.shape != target.shape or pred.shape[-1:] != (4,):
         raise ValueError(f"pred and target must have the same shape [..., 4], got {tuple(pred.shape)} "
                          f"and {tuple(target.shape)}")
+    check_same_device(pred, target=target)
     if pred.dtype not in (torch.float32, torch.float64) or target.dtype != pred.dtype:
         raise TypeError(f"pred and target must both be float32 or float64 (the losses upcast half "
                         f"precision), got {pred.dtype} and {target.dtype}")
     if chunk is not None and not (isinstance(chunk, int) and chunk > 0):
         raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
     _check_eps(eps)
-    native = resolve_backend(backend, pred.device) == "native"
     log = kind == "iou" and mode == "log"
     paper = kind == "ciou" and ciou_grad == "paper"
     gated = kind == "ciou" and alpha == "gated"
-    if torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad):
-        return IoUFamilyLoss.apply(pred, target, kind, eps, log, paper, gated, chunk, native)
-    loss, _ = _forward(kind, pred, target, eps, log, paper, gated, 0, chunk, native)
+    grad = torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad)
+    if torch.compiler.is_compiling() or _is_fake(pred):
+        # torch.compile / torch.export and fake tensors: the torch.library op, opaque to the
+        # tracer (the kernels read raw pointers), with its fake (shape) and autograd registrations
+        from . import _ops
+
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        rows = (6 if target.requires_grad else 4) if grad else 0
+        return _ops.iou_family_loss(pred, target, kind, eps, log, paper, gated, rows, chunk, backend)
+    resolved = resolve_backend(backend, pred.device)
+    if grad:
+        return IoUFamilyLoss.apply(pred, target, kind, eps, log, paper, gated, chunk, resolved)
+    loss, _ = _forward(kind, pred, target, eps, log, paper, gated, 0, chunk, resolved)
     return loss.view(pred.shape[:-1])

@@ -4,6 +4,7 @@ Command (the figures in the README were printed by it; 2 threads as on the CI ma
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python tools/bench_losses.py --sizes 1e4 1e5 1e6 --repeats 9
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python tools/bench_losses.py --backend eager   # the PyTorch-ops kernel
+    .venv/bin/python tools/bench_losses.py --device cuda --sizes 1e4 1e5 1e6 1e7       # a GPU (Triton kernels)
 
 For each device, number of pairs N and loss it times, in the same run and interleaved repeat by
 repeat (so both see the same machine load), ``boxloss``'s loss and ``torchvision.ops``' counterpart
@@ -25,7 +26,9 @@ use), marked "tv-style".
 
 Timings on a shared machine are noisy: read the ratios, note the load average printed above the
 table, and re-run. CUDA rows appear when a GPU is present (``torch.cuda.synchronize`` around each
-timing).
+timing); their kernel is ``--cuda-backend`` (``--backend`` is the CPU rows' kernel), and their
+memory columns add the peak of ``torch.cuda.max_memory_allocated`` over one forward+backward,
+above the inputs.
 """
 
 from __future__ import annotations
@@ -126,6 +129,23 @@ def time_pair(fns: dict, pred, target, mode: str, repeats: int, warmup: int, cud
     return {k: statistics.median(v) for k, v in times.items()} | {k + "_min": min(v) for k, v in times.items()}
 
 
+def peak_bytes(fn, pred, target, target_grad: bool) -> int:
+    """CUDA: peak allocated bytes above the inputs during one forward+backward of ``fn``."""
+    p, t = pred.detach().clone().requires_grad_(), target.detach().clone().requires_grad_(target_grad)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn(p, t).backward()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def backend_for(device: str, cpu_backend: str, cuda_backend: str) -> str:
+    """The BOXLOSS_KERNEL value of one device's rows: ``--backend`` names the CPU kernel (native is
+    CPU-only), ``--cuda-backend`` the GPU one."""
+    return cpu_backend if device == "cpu" else cuda_backend
+
+
 def machine_line(device: str) -> str:
     if device == "cuda":
         return f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}"
@@ -154,8 +174,10 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU (2: the CI machine)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random box pairs")
     ap.add_argument("--backend", choices=BACKENDS, default="auto",
-                    help="boxloss kernel on CPU: auto (the compiled loops when built), native or eager "
-                         "(PyTorch ops; what GPUs run)")
+                    help="boxloss kernel of the CPU rows: auto (the compiled loops when built), native, eager "
+                         "(PyTorch ops) or triton (needs TRITON_INTERPRET=1 on CPU)")
+    ap.add_argument("--cuda-backend", choices=[b for b in BACKENDS if b != "native"], default="auto",
+                    help="boxloss kernel of the CUDA rows: auto (Triton when installed), eager or triton")
     ap.add_argument("--pred-only", action="store_true",
                     help="only the prediction requires grad (the training case); default: both boxes")
     args = ap.parse_args(argv)
@@ -166,43 +188,59 @@ def main(argv=None) -> None:
         ap.error("--device cuda given but torch.cuda.is_available() is False")
     torch.set_num_threads(args.threads)
     target_grad = not args.pred_only
-    os.environ["BOXLOSS_KERNEL"] = args.backend  # read by every boxloss IoU-family call
+    saved_env = os.environ.get("BOXLOSS_KERNEL")
+    try:
+        for device in devices:
+            backend = backend_for(device, args.backend, args.cuda_backend)
+            os.environ["BOXLOSS_KERNEL"] = backend  # read by every boxloss IoU-family call
+            run_device(device, resolve_backend(backend, torch.device(device)), args, target_grad)
+    finally:  # main() is also called in-process (tests, tools/gpu_check.py)
+        if saved_env is None:
+            os.environ.pop("BOXLOSS_KERNEL", None)
+        else:
+            os.environ["BOXLOSS_KERNEL"] = saved_env
 
-    for device in devices:
-        kernel = resolve_backend(args.backend, torch.device(device))
-        print(f"\n{machine_line(device)}; boxloss kernel: {kernel}; median of {args.repeats} after {args.warmup} "
-              f"warm-up runs, reduction='mean', "
-              f"{'both boxes require' if target_grad else 'only the prediction requires'} grad\n")
-        print("| device | pairs | loss | torchvision peer | fwd+bwd ours ms | fwd+bwd tv ms | fwd+bwd ratio "
-              "| (best-run ratio) | fwd ours ms | fwd tv ms | fwd ratio | no-grad ratio | saved ours MB "
-              "| saved tv MB | saved ratio |")
-        print("|" + " --- |" * 15)
-        for size in args.sizes:
-            n = int(size)
-            pred, target = make_pairs(n, device, args.seed)
-            for name in args.losses:
-                peer_name, peer = PEERS[name]
-                fns = {
-                    "ours": lambda p, t, f=OURS[name]: f(p, t, reduction="mean"),
-                    "tv": lambda p, t, f=peer: f(p, t, reduction="mean"),
-                }
-                timed = {
-                    mode: time_pair(fns, pred, target, mode, args.repeats, args.warmup, device == "cuda", target_grad)
-                    for mode in ("fwd+bwd", "fwd", "no-grad")
-                }
-                both, fwd, nog = timed["fwd+bwd"], timed["fwd"], timed["no-grad"]
-                mem = {k: saved_bytes(f, pred, target, target_grad) for k, f in fns.items()}
-                print(
-                    f"| {device} | {n:.0e} | {name} | {peer_name} "
-                    f"| {both['ours'] * 1e3:.2f} | {both['tv'] * 1e3:.2f} | **{both['ours'] / both['tv']:.3f}** "
-                    f"| ({both['ours_min'] / both['tv_min']:.3f}) "
-                    f"| {fwd['ours'] * 1e3:.2f} | {fwd['tv'] * 1e3:.2f} | {fwd['ours'] / fwd['tv']:.3f} "
-                    f"| {nog['ours'] / nog['tv']:.3f} "
-                    f"| {mem['ours'] / 1e6:.2f} | {mem['tv'] / 1e6:.2f} | {mem['ours'] / mem['tv']:.3f} |",
-                    flush=True,
-                )
-        if hasattr(os, "getloadavg"):
-            print("\nload average after: %.2f %.2f %.2f" % os.getloadavg())
+
+def run_device(device: str, kernel: str, args, target_grad: bool) -> None:
+    """Print the table of one device."""
+    print(f"\n{machine_line(device)}; boxloss kernel: {kernel}; median of {args.repeats} after {args.warmup} "
+          f"warm-up runs, reduction='mean', "
+          f"{'both boxes require' if target_grad else 'only the prediction requires'} grad\n")
+    cuda = device == "cuda"
+    print("| device | pairs | loss | torchvision peer | fwd+bwd ours ms | fwd+bwd tv ms | fwd+bwd ratio "
+          "| (best-run ratio) | fwd ours ms | fwd tv ms | fwd ratio | no-grad ratio | saved ours MB "
+          "| saved tv MB | saved ratio |" + (" peak ours MB | peak tv MB |" if cuda else ""))
+    print("|" + " --- |" * (17 if cuda else 15))
+    for size in args.sizes:
+        n = int(size)
+        pred, target = make_pairs(n, device, args.seed)
+        for name in args.losses:
+            peer_name, peer = PEERS[name]
+            fns = {
+                "ours": lambda p, t, f=OURS[name]: f(p, t, reduction="mean"),
+                "tv": lambda p, t, f=peer: f(p, t, reduction="mean"),
+            }
+            timed = {
+                mode: time_pair(fns, pred, target, mode, args.repeats, args.warmup, device == "cuda", target_grad)
+                for mode in ("fwd+bwd", "fwd", "no-grad")
+            }
+            both, fwd, nog = timed["fwd+bwd"], timed["fwd"], timed["no-grad"]
+            mem = {k: saved_bytes(f, pred, target, target_grad) for k, f in fns.items()}
+            peak = ""
+            if cuda:
+                pk = {k: peak_bytes(f, pred, target, target_grad) for k, f in fns.items()}
+                peak = f" {pk['ours'] / 1e6:.2f} | {pk['tv'] / 1e6:.2f} |"
+            print(
+                f"| {device} | {n:.0e} | {name} | {peer_name} "
+                f"| {both['ours'] * 1e3:.2f} | {both['tv'] * 1e3:.2f} | **{both['ours'] / both['tv']:.3f}** "
+                f"| ({both['ours_min'] / both['tv_min']:.3f}) "
+                f"| {fwd['ours'] * 1e3:.2f} | {fwd['tv'] * 1e3:.2f} | {fwd['ours'] / fwd['tv']:.3f} "
+                f"| {nog['ours'] / nog['tv']:.3f} "
+                f"| {mem['ours'] / 1e6:.2f} | {mem['tv'] / 1e6:.2f} | {mem['ours'] / mem['tv']:.3f} |" + peak,
+                flush=True,
+            )
+    if hasattr(os, "getloadavg"):
+        print("\nload average after: %.2f %.2f %.2f" % os.getloadavg())
 
 
 if __name__ == "__main__":

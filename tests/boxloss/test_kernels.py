@@ -8,6 +8,7 @@ kind (general, disjoint, contained, identical, touching) and on degenerate boxes
 """
 
 import math
+import os
 
 import pytest
 import torch
@@ -21,7 +22,9 @@ from box_cases import box_pairs, degenerate_pairs
 # the paper gradient on pixel-sized boxes: a parity check, not a use (its warning: test_numerics)
 pytestmark = pytest.mark.filterwarnings("ignore:ciou_grad='paper'")
 
-CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))
+# the cuda marker lets `pytest -m cuda` (tools/gpu_check.py) select every CUDA case
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda,
+                                   pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])
 DEVICES = ["cpu", CUDA]
 TOL = {torch.float32: 1e-6, torch.float64: 1e-10}
 
@@ -442,7 +445,8 @@ def test_backend_selection_and_errors(monkeypatch):
     monkeypatch.setenv("BOXLOSS_KERNEL", "eager")
     assert _kernels.resolve_backend(None, cpu) == "eager"
     monkeypatch.setenv("BOXLOSS_KERNEL", "fast")
-    with pytest.raises(ValueError, match=r"BOXLOSS_KERNEL must be one of \('auto', 'native', 'eager'\), got 'fast'"):
+    with pytest.raises(ValueError, match=r"BOXLOSS_KERNEL must be one of \('auto', 'native', 'eager', 'triton'\), "
+                                         r"got 'fast'"):
         _kernels.resolve_backend(None, cpu)
     with pytest.raises(ValueError, match="backend must be one of .* got 'c'"):
         _kernels.iou_family_loss(torch.zeros(1, 4), torch.zeros(1, 4), "giou", backend="c")
@@ -497,3 +501,143 @@ def test_pool_evicts_by_identity():
     again = pool.empty((500_000,), torch.float32)  # evicts the freed buffer, keeps the held ones
     assert len(pool._bufs) == pool._MAX_BUFFERS
     assert all(again.data_ptr() != h.data_ptr() for h in held)
+
+
+# ---------------------------------------------------------------- devices (fake CUDA: no driver needed)
+
+
+def fake_cuda_mode():
+    """This torch build creates fake CUDA tensors without a driver; mixing them with CPU tensors in
+    an op raises FakeTensorDeviceMismatchError, so a forward that runs through is device-clean."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=False)
+
+
+@pytest.mark.parametrize("kind", list(PUBLIC))
+def test_target_on_another_device_is_a_value_error(kind):
+    """CPU pred + CUDA target used to hand a device pointer to the C loops (a crash); CUDA pred +
+    CPU target copied the target host-to-device chunk by chunk."""
+    with fake_cuda_mode():
+        cpu, cuda = torch.zeros(8, 4), torch.zeros(8, 4, device="cuda")
+        for pred, target, (a, b) in ((cpu, cuda, ("cpu", "cuda:0")), (cuda, cpu, ("cuda:0", "cpu"))):
+            msg = rf"target must be on the same device as pred \({a}\), got target on {b}"
+            with pytest.raises(ValueError, match=msg):
+                PUBLIC[kind](pred, target)
+            with pytest.raises(ValueError, match=msg):
+                _kernels.iou_family_loss(pred, target, kind, backend="eager")
+
+
+def test_check_same_device_names_both_devices():
+    """The check for every tensor argument of a loss (weight included: losses.py's entry)."""
+    with fake_cuda_mode():
+        pred, weight = torch.zeros(8, 4), torch.zeros(8, device="cuda")
+        with pytest.raises(ValueError, match=r"weight must be on the same device as pred \(cpu\), got weight on cuda:0"):
+            _kernels.check_same_device(pred, target=torch.zeros(8, 4), weight=weight)
+        _kernels.check_same_device(pred, target=torch.zeros(8, 4), weight=None)  # None is skipped
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind,options", VARIANTS, ids=VARIANT_IDS)
+def test_losses_on_fake_cuda_tensors(kind, options, dtype):
+    """Every loss and option on (fake) CUDA tensors, with per-pair and per-coordinate weights and
+    each reduction: no device mismatch anywhere, float32 results on the GPU. (Backward cannot run
+    on fake CUDA tensors: the autograd engine asks the driver for a context; the backward op's
+    shapes are checked in test_eager_kernel_on_fake_cuda_tensors and tests/boxloss/test_compile.py.)"""
+    with fake_cuda_mode():
+        pred = torch.zeros(6, 5, 4, device="cuda", dtype=dtype, requires_grad=True)
+        target = torch.zeros(6, 5, 4, device="cuda", dtype=dtype)
+        for weight in (None, torch.zeros(6, 5, device="cuda"), torch.zeros(6, 5, 4, device="cuda", dtype=dtype)):
+            for reduction in ("none", "mean", "sum"):
+                loss = PUBLIC[kind](pred, target, weight=weight, reduction=reduction, **options)
+                assert loss.device.type == "cuda" and loss.dtype == torch.float32
+                assert loss.shape == ((6, 5) if reduction == "none" else ())
+                assert loss.requires_grad
+
+
+@pytest.mark.parametrize("kind", list(PUBLIC))
+def test_eager_kernel_on_fake_cuda_tensors(kind):
+    """The eager kernel's own constants, workspace and outputs are made on the input's device, and
+    fake tensors are never cached (a later real call must not get them)."""
+    with fake_cuda_mode():
+        p = torch.zeros(3000, 4, device="cuda")
+        t = torch.zeros(3000, 4, device="cuda")
+        loss, g = _kernels._forward(kind, p, t, 1e-7, False, False, False, 6, 1024, "eager")
+        assert loss.device.type == "cuda" and g.shape == (6, 3000) and g.device.type == "cuda"
+        gp, gt = _kernels._backward(torch.zeros(3000, device="cuda"), g, True, 1024)
+        assert gp.device.type == "cuda" and gt.shape == (3000, 4)
+        gp, gt = torch.ops.boxloss.iou_family_backward(torch.zeros(3000, device="cuda"), g, False, None, "eager")
+        assert gp.shape == (3000, 4) and gt.shape == (0, 4)
+    assert all(k[0].type != "cuda" for k in _kernels._Consts._cache)
+    assert all(k[0].type != "cuda" for k in getattr(_kernels._local, "workspaces", {}))
+    got = value_and_grads(eager, *box_pairs(50, seed=40), kind=kind)  # real tensors after the fake ones
+    want = value_and_grads(reference_loss, *box_pairs(50, seed=40), kind=kind)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+
+
+def test_gpu_workspace_is_cached_and_ops_are_not_split():
+    """Off the CPU the workspace and its views are built once per (device, dtype) and kept (~170 us
+    of Python a call otherwise), and no op is cut into CPU-sized serial pieces (one launch each)."""
+    meta = torch.device("meta")  # a non-CPU device that runs the eager ops without data
+    p = torch.empty(5000, 4, device=meta)
+    _kernels._forward("ciou", p, p, 1e-7, False, False, False, 6, None, "eager")
+    ws = _kernels._local.workspaces[(meta, torch.float32, None)]
+    _kernels._forward("ciou", p, p, 1e-7, False, False, False, 6, None, "eager")
+    assert _kernels._local.workspaces[(meta, torch.float32, None)] is ws
+    assert len(ws._views) == 1
+    c = 16384  # the serial regime's chunk: every op in pieces of <= 32768 numbers on CPU
+    on_cpu = _kernels._Workspace(c, torch.device("cpu"), torch.float32).views(c)
+    off_cpu = _kernels._Workspace(c, meta, torch.float32).views(c)
+    for name in ("sz4", "sz3", "df", "clamp", "prod", "gx", "sign", "lerp"):
+        assert len(getattr(on_cpu, name)) > 1, name
+        assert len(getattr(off_cpu, name)) == 1, name
+
+
+def test_first_loss_of_a_process_under_inference_mode():
+    """The first IoU-family call of a process may come under torch.inference_mode() (an evaluation
+    script): every kind, option and CPU kernel, in a fresh interpreter, equals the same call after."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, boxloss\n"
+        "from boxloss import _kernels\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "p = torch.rand(64, 4, generator=g, dtype=torch.float64) * 10; p[:, 2:] += p[:, :2]\n"
+        "t = torch.rand(64, 4, generator=g, dtype=torch.float64) * 10; t[:, 2:] += t[:, :2]\n"
+        f"variants = {VARIANTS!r}\n"
+        "backends = ['eager'] + (['native'] if _kernels.native_available() else [])\n"
+        "with torch.inference_mode():\n"
+        "    first = [_kernels.iou_family_loss(p, t, k, backend=b, **o) for b in backends for k, o in variants]\n"
+        "    public = boxloss.ciou_loss(p, t)\n"
+        "again = [_kernels.iou_family_loss(p, t, k, backend=b, **o) for b in backends for k, o in variants]\n"
+        "assert all(torch.equal(a, b) for a, b in zip(first, again))\n"
+        "assert torch.equal(public, boxloss.ciou_loss(p, t))\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_bench_native_backend_leaves_cuda_rows_on_a_gpu_kernel(monkeypatch, capsys):
+    """tools/bench_losses.py --backend native set BOXLOSS_KERNEL=native for every row, and the CUDA
+    rows then raised: the CPU and CUDA rows have their own kernel, and the variable is restored."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "bench_losses.py"
+    spec = importlib.util.spec_from_file_location("bench_losses", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cuda = torch.device("cuda")
+    for cuda_backend in ("auto", "eager", "triton"):
+        backend = bench.backend_for("cuda", "native", cuda_backend)
+        assert backend == cuda_backend
+        if backend != "triton" or _kernels.triton_available():
+            assert _kernels.resolve_backend(backend, cuda) in ("eager", "triton")
+    assert bench.backend_for("cpu", "native", "auto") == "native"
+    monkeypatch.setenv("BOXLOSS_KERNEL", "eager")
+    bench.main(["--device", "cpu", "--sizes", "200", "--repeats", "5", "--warmup", "0", "--losses", "giou",
+                "--backend", "native" if _kernels.native_available() else "eager"])
+    assert os.environ["BOXLOSS_KERNEL"] == "eager"
+    assert "| cpu | 2e+02 | giou |" in capsys.readouterr().out
