@@ -329,6 +329,7 @@ def test_bad_arguments_raise_naming_the_argument(kwargs, match):
         build_detector(args.pop("arch"), **args)
 
 
+@pytest.mark.cuda
 @CUDA
 @pytest.mark.parametrize("box_loss", ["default", "ciou"])
 def test_one_training_step_on_cuda(box_loss):

@@ -252,6 +252,7 @@ def test_torchvision_retinanet_is_unchanged_after_building_ours():
     assert not isinstance(reference, BoxLossRetinaNet)
 
 
+@pytest.mark.cuda
 @CUDA
 @pytest.mark.parametrize("box_loss", ["default", "ciou"])
 def test_one_training_step_on_cuda(box_loss):
