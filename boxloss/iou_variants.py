@@ -133,7 +133,7 @@ def modifier_term(pred: Tensor, target: Tensor, eps: float, inner_ratio, focaler
     if iou is None:
         iou = _iou_family(pred, target, "iou", eps, pairwise=False)[1]
     aux = iou
-    if inner_ratio is not None:
+    if inner_ratio is not None and inner_ratio != 1:  # 1: the boxes themselves
         aux = _iou_family(_inner_boxes(pred, inner_ratio), _inner_boxes(target, inner_ratio), "iou", eps,
                           pairwise=False)[1]
     if focaler is not None:
@@ -142,8 +142,13 @@ def modifier_term(pred: Tensor, target: Tensor, eps: float, inner_ratio, focaler
     return iou - aux
 
 
+def is_neutral(inner_ratio, focaler) -> bool:
+    """No modifier, or only the ones that change nothing (ratio 1, Focaler (0, 1))."""
+    return inner_ratio in (None, 1) and (focaler is None or tuple(focaler) == (0, 1))
+
+
 def _with_modifiers(loss: Tensor, pred, target, eps, g, inner_ratio, focaler) -> Tensor:
-    if inner_ratio is None and focaler is None:
+    if is_neutral(inner_ratio, focaler):
         return loss
     return loss + modifier_term(pred, target, eps, inner_ratio, focaler, iou=g.iou)
 

@@ -192,7 +192,7 @@ def _reduce_coords(loss: Tensor, weight, reduction, avg_factor) -> Tensor:
 
 def _modified(loss: Tensor, pred: Tensor, target: Tensor, eps: float, inner_ratio, focaler) -> Tensor:
     """``loss`` + IoU - IoU_aux when a modifier is set (autograd on top of the kernel's loss)."""
-    if inner_ratio is None and focaler is None:
+    if _variants.is_neutral(inner_ratio, focaler):  # the base loss exactly, gradient included
         return loss
     return loss + _variants.modifier_term(pred, target, eps, inner_ratio, focaler)
 
@@ -394,7 +394,8 @@ def siou_loss(pred, target, *, weight=None, reduction="mean", avg_factor=None, e
     The sign is the paper's (as YOLOv6 and MMDetection's ``neg_gamma=True``): Delta grows from 0 to
     2 as the centres move apart. MMDetection's default ``neg_gamma=False`` computes
     exp(+(2 - Lambda) rho), a Delta that goes negative and a loss that falls to 0 as the boxes move
-    apart; that sign is not offered. Unlike MMDetection the loss is not clamped at 2 (it reaches 3).
+    apart; that sign is not offered. Unlike MMDetection the loss is not clamped at 2 (far-apart boxes
+    of very different sizes pass 2 slightly).
     Other args as :func:`l1_loss`; ``inner_ratio`` and ``focaler`` as :func:`giou_loss`.
 
     Args:
