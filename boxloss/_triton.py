@@ -28,6 +28,7 @@ first import). Float16/bfloat16 never reach these kernels: the losses upcast to 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -131,7 +132,8 @@ def _forward_kernel(pred_ptr, target_ptr, loss_ptr, grad_ptr, c_ptr, n,
     X2 = tl.load(target_ptr + 4 * i + 2, mask=m, other=0.0)
     Y2 = tl.load(target_ptr + 4 * i + 3, mask=m, other=0.0)
     eps = tl.load(c_ptr)
-    zero = tl.zeros_like(x1)
+    zero = tl.full(x1.shape, 0.0, x1.dtype)  # not tl.zeros_like: a jit function of triton.language, which
+    # is compiled or interpreted as decided when triton was first imported
 
     # phase 1: sizes (unclamped), intersection and enclosing box, edge differences
     w = x2 - x1
@@ -308,6 +310,16 @@ def _backward_kernel(grad_ptr, go_ptr, go_stride, gp_ptr, gt_ptr, n,
         tl.store(gt_ptr + 4 * i + 3, -((p1 + p3) + t1), mask=m)
 
 
+def _quiet():
+    """The interpreter runs the kernel as numpy ops on every lane, masked or not selected too: no
+    warnings for the 0 / 0 that tl.where then discards."""
+    if isinstance(_forward_kernel, triton.runtime.jit.JITFunction):
+        return contextlib.nullcontext()
+    import numpy as np
+
+    return np.errstate(all="ignore")
+
+
 def forward(kind: str, pred: Tensor, target: Tensor, eps: float, log: bool, paper: bool, gated: bool,
             rows: int) -> tuple[Tensor, Tensor | None]:
     """Loss ``[N]`` and the gradient rows ``[rows, N]`` (None for ``rows == 0``) of ``[N, 4]`` pairs."""
@@ -317,10 +329,11 @@ def forward(kind: str, pred: Tensor, target: Tensor, eps: float, log: bool, pape
     grad = torch.empty((rows, n), device=device, dtype=dtype) if rows else None
     if n:
         c = _constants(device, dtype, eps)
-        _forward_kernel[(triton.cdiv(n, BLOCK),)](
-            p, t, loss, grad if grad is not None else loss, c, n,
-            KIND=_KIND_ID[kind], ROWS=rows, LOG=log, PAPER=paper, GATED=gated, F64=dtype == torch.float64,
-            BLOCK=BLOCK)
+        with _quiet():
+            _forward_kernel[(triton.cdiv(n, BLOCK),)](
+                p, t, loss, grad if grad is not None else loss, c, n,
+                KIND=_KIND_ID[kind], ROWS=rows, LOG=log, PAPER=paper, GATED=gated, F64=dtype == torch.float64,
+                BLOCK=BLOCK)
     return loss, grad
 
 
