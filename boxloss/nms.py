@@ -70,9 +70,11 @@ of removing boxes (Bodla et al., ICCV 2017, arXiv:1704.04503).
 
 from __future__ import annotations
 
+import ctypes
 import math
 import numbers
 import os
+import struct
 
 import torch
 from torch import Tensor
@@ -116,6 +118,13 @@ _CHUNK_SLOTS = (1 << 15) - 1
 _ROW_WIDTHS = (8, 16, 32, 64, 128)
 # The C kernel indexes boxes with int32.
 _NATIVE_MAX_BOXES = 2**31 - 1
+# Off the CPU (see _nms_masked): values per block of rows of the suppression matrix, which bounds the
+# device's temporaries (a dozen [rows, N] tensors of 2^24 elements: ~0.8 GB in float32), and bytes of
+# suppression bits per host read (each read is one host-device synchronisation; 2^27 bytes hold the
+# upper triangle of ~46,000 boxes).
+_DEVICE_BLOCK_VALUES = 1 << 24
+_HOST_READ_BYTES = 1 << 27
+_F32_MAX = 3.4028234663852886e38
 
 
 def diou_nms(
@@ -416,9 +425,10 @@ def _check_soft_args(method, sigma, score_threshold):
 def _use_native(device: torch.device, n: int) -> bool:
     """Whether the C kernel runs on ``n`` boxes: ``$BOXLOSS_KERNEL`` as for the losses
     (``boxloss._kernels``): ``"auto"`` (default) for CPU tensors when the extension is built,
-    ``"eager"`` never (the torch path), ``"native"`` always, raising where it cannot run."""
+    ``"eager"`` never (the torch path), ``"native"`` always, raising where it cannot run;
+    ``"triton"`` selects the losses' Triton kernels and, NMS having none, acts as ``"auto"`` here."""
     backend = os.environ.get("BOXLOSS_KERNEL", "auto")
-    if backend == "auto":
+    if backend in ("auto", "triton"):
         return device.type == "cpu" and _nms_native is not None and n < _NATIVE_MAX_BOXES
     if backend == "eager":
         return False
@@ -483,14 +493,26 @@ def _exclusive_threshold(t: float, dtype: torch.dtype) -> float:
     """Largest value of ``dtype`` that is <= ``t``, so that ``v > result`` iff ``v > t`` exactly.
 
     Comparing a float32 tensor with a Python float rounds the float to float32 first, which flips
-    the answer for a value equal to float32(t) when float32(t) > t (t = 0.3, for example).
+    the answer for a value equal to float32(t) when float32(t) > t (t = 0.3, for example). Computed
+    in Python (no tensor, so no host read of a device value).
     """
-    if dtype == torch.float64:
+    if dtype == torch.float64 or math.isinf(t):
         return t
-    t_low = torch.tensor(t, dtype=torch.float64).to(dtype)
-    if t_low.double().item() > t:
-        t_low = torch.nextafter(t_low, torch.tensor(-math.inf, dtype=dtype))
-    return t_low.item()
+    if t >= _F32_MAX:
+        return _F32_MAX
+    if t < -_F32_MAX:
+        return -math.inf
+    low = struct.unpack("<f", struct.pack("<f", t))[0]  # rounded to nearest
+    if low > t:  # one float32 step down
+        bits = struct.unpack("<I", struct.pack("<f", low))[0]
+        if low > 0:
+            bits -= 1
+        elif low == 0:
+            bits = 0x80000001  # the negative number closest to 0
+        else:
+            bits += 1
+        low = struct.unpack("<f", struct.pack("<I", bits))[0]
+    return low
 
 
 # --------------------------------------------------------------------------------- driver
@@ -505,6 +527,8 @@ def _nms(boxes: Tensor, scores: Tensor, idxs: Tensor | None, t: float, beta: flo
     order = torch.sort(scores.detach(), descending=True, stable=True)[1]  # ties: lower index first
     if n == 1 or t >= 1:  # computed IoU <= 1 and value <= IoU: nothing can be suppressed
         return order
+    if _masked_path(device):
+        return _nms_masked(b, order, idxs, t, beta, distance)
     if t < 0:
         return _nms_dense(b, order, idxs, t, beta, distance)
 
@@ -535,6 +559,74 @@ def _nms(boxes: Tensor, scores: Tensor, idxs: Tensor | None, t: float, beta: flo
         return order.index_select(0, kept)
     keep = (~valid).index_fill_(0, vpos.index_select(0, kept), True)  # invalid boxes are always kept
     return order.index_select(0, keep.nonzero().squeeze(1))
+
+
+def _masked_path(device: torch.device) -> bool:
+    """Whether greedy NMS runs as :func:`_nms_masked` (off the CPU) rather than the sparse path below."""
+    return device.type != "cpu"
+
+
+def _nms_masked(b: Tensor, order: Tensor, idxs: Tensor | None, t: float, beta: float, distance: bool) -> Tensor:
+    """Greedy NMS for GPUs: the suppression bits are computed on the device, read once, resolved on the host.
+
+    The upper triangle of the ``[N, N]`` matrix "kept box i (rank) would suppress box j" (value > t,
+    same category, j ranked after i) is computed in blocks of rows with the operations of the torch
+    path, packed 8 to a byte on the device and copied to the host in one transfer (one more per
+    ``_HOST_READ_BYTES``), where the greedy loop ORs the rows of the kept boxes into a Python int.
+    That transfer is the only host-device synchronisation (torchvision's CUDA NMS reads a bit matrix
+    back likewise); the sparse path's data-dependent sizes cost tens per call. Any threshold,
+    degenerate and huge boxes need no special case: every pair is compared. Work and memory
+    O(N^2 / 2) on the device, N^2 / 16 bytes on the host.
+    """
+    n, dev = b.shape[0], b.device
+    cols = b.index_select(0, order).t().contiguous()  # [4, N] x1, y1, x2, y2 in rank order
+    cls = idxs.index_select(0, order) if idxs is not None else None
+    thr = _exclusive_threshold(t, b.dtype)
+    removed, kept = 0, []  # bit j of removed: rank j is suppressed
+    pending, pending_bytes, r0 = [], 0, 0
+    while r0 < n:
+        c0 = r0 - r0 % 8  # columns from a byte boundary; those <= the row are masked off
+        r1 = min(n, r0 + max(1, _DEVICE_BLOCK_VALUES // (n - c0)))
+        bits = _suppression_bits(cols, cls, r0, r1, c0, thr, beta, distance)  # [R, W] uint8, on the device
+        pending.append((r0, r1, c0, bits))
+        pending_bytes += bits.numel()
+        r0 = r1
+        if pending_bytes < _HOST_READ_BYTES and r0 < n:
+            continue
+        host = torch.cat([p[3].reshape(-1) for p in pending]).cpu()  # the host read
+        data = ctypes.string_at(host.data_ptr(), host.numel())
+        at = 0
+        for a0, a1, ac0, block in pending:
+            width = block.shape[1]
+            for i in range(a0, a1):
+                if not (removed >> i) & 1:
+                    kept.append(i)
+                    row = int.from_bytes(data[at + (i - a0) * width : at + (i - a0 + 1) * width], "little")
+                    removed |= row << ac0
+            at += (a1 - a0) * width
+        pending, pending_bytes = [], 0
+    keep = torch.tensor(kept, dtype=torch.int64)
+    if dev.type == "cuda":
+        keep = keep.pin_memory()  # a pageable copy would wait for the device's queue (a sync)
+    return order.index_select(0, keep.to(dev, non_blocking=True))
+
+
+def _suppression_bits(cols: Tensor, cls: Tensor | None, r0: int, r1: int, c0: int, thr: float, beta: float,
+                      distance: bool) -> Tensor:
+    """``[r1 - r0, ceil((N - c0) / 8)]`` uint8: bit k of byte w of row i is set when box r0 + i (rank
+    order, ``cols`` ``[4, N]``) suppresses box c0 + 8 w + k, ranked after it and of its category
+    (``cls``). Device ops only, no host read."""
+    n, dev = cols.shape[1], cols.device
+    value = _value_columns([x[r0:r1, None] for x in cols], [x[None, c0:] for x in cols], beta, distance)
+    hit = value > thr  # [R, W]; NaN never suppresses
+    hit &= torch.arange(c0, n, device=dev)[None] > torch.arange(r0, r1, device=dev)[:, None]
+    if cls is not None:
+        hit &= cls[r0:r1, None] == cls[None, c0:]
+    pad = -(n - c0) % 8
+    if pad:
+        hit = torch.cat([hit, hit.new_zeros(r1 - r0, pad)], 1)
+    shifts = torch.arange(8, dtype=torch.uint8, device=dev)
+    return (hit.view(r1 - r0, -1, 8).to(torch.uint8) << shifts).sum(2, dtype=torch.uint8)
 
 
 def _compact_classes(c: Tensor | None, n: int, device) -> Tensor:

@@ -10,6 +10,7 @@ bit for bit), and compares them with the threshold as exact real numbers.
 """
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -20,8 +21,10 @@ from hypothesis import strategies as st
 
 import boxloss
 import boxloss.nms as nms_mod
+from boxloss._kernels import BACKENDS
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")]
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 NATIVE = pytest.mark.skipif(nms_mod._nms_native is None, reason="boxloss._nms_native not built")
 KERNELS = [pytest.param("native", marks=NATIVE), "eager"]
 
@@ -126,6 +129,11 @@ PATHS = {
     "torch one stage": {"_DENSE_MEAN_WINDOW": math.inf},
     "torch stages, chunks": {"_DENSE_MEAN_WINDOW": -1.0, "_STAGE_MIN": 8, "_CHUNK_SLOTS": 64, "_SEQUENTIAL_EDGES": 0},
     "torch stages, python finish": {"_DENSE_MEAN_WINDOW": -1.0, "_STAGE_MIN": 4, "_SEQUENTIAL_EDGES": 10**9},
+    # the formulation of GPUs (suppression bits read back once), forced on CPU tensors; small blocks
+    # and host reads exercise its multi-block, multi-read loop
+    "torch device": {"_masked_path": lambda device: True},
+    "torch device, small blocks": {"_masked_path": lambda device: True, "_DEVICE_BLOCK_VALUES": 50,
+                                   "_HOST_READ_BYTES": 8},
 }
 
 
@@ -149,8 +157,8 @@ def _nms(boxes, scores, t, idxs=None, **kw):
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("batched", [False, True], ids=["single", "batched"])
 def test_equals_greedy_reference_random(path, batched, monkeypatch):
-    """2 x 300 random cases for the C kernel and 4 x 2 x 130 = 1,040 for the torch paths, exactly equal
-    to the reference (indices and order)."""
+    """2 x 300 random cases for the C kernel and 6 x 2 x 130 = 1,560 for the torch paths (CPU and
+    device formulations), exactly equal to the reference (indices and order)."""
     _select_path(path, monkeypatch)
     g = torch.Generator().manual_seed(2 * list(PATHS).index(path) + batched)
     for case in range(300 if path == "native" else 130):
@@ -204,9 +212,9 @@ def adversarial_case(g: torch.Generator, kind: int, n: int, dtype=torch.float32)
     return boxes.to(dtype), scores, t
 
 
-@pytest.mark.parametrize("path", ["native", "torch default", "torch stages, chunks"])
+@pytest.mark.parametrize("path", ["native", "torch default", "torch stages, chunks", "torch device, small blocks"])
 def test_equals_greedy_reference_adversarial(path, monkeypatch):
-    """500 adversarial cases for the C kernel, 2 x 400 for the torch paths (chains, thresholds equal to
+    """500 adversarial cases for the C kernel, 3 x 400 for the torch paths (chains, thresholds equal to
     input values, degenerate boxes, ties), 1 and many classes, float32 and float64, positive and
     negative thresholds."""
     _select_path(path, monkeypatch)
@@ -279,7 +287,7 @@ def test_kernel_equals_torch_path_on_large_inputs(monkeypatch):
 def wide_size_case(g: torch.Generator, n: int, dtype=torch.float32):
     """Detector-like clusters whose sizes span 2^2 to 2^9 (several size levels of the C kernel's grids,
     which it builds from 2,048 valid boxes of one category on), some boxes tiny or huge."""
-    n_obj = max(1, n // 20)
+    n_obj = max(1, -(-n // 20))
     centre = torch.rand(n_obj, 2, generator=g) * 1000
     size = torch.exp(torch.empty(n_obj, 2).uniform_(math.log(4.0), math.log(512.0), generator=g))
     obj = torch.cat([centre - size / 2, centre + size / 2], 1).repeat_interleave(20, 0)[:n]
@@ -491,6 +499,36 @@ def test_random_cases_on_device(device, kernel):
         assert torch.equal(got.cpu(), greedy_reference(boxes, scores, t, idxs))
 
 
+@pytest.mark.parametrize(
+    "formulation, small_blocks",
+    [("masked", False), ("masked", True), ("sparse", False), ("sparse", True)],
+    ids=["masked", "masked, small blocks", "sparse", "sparse, stages and chunks"],
+)
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_inputs_on_device(device, formulation, small_blocks, monkeypatch):
+    """3,000-5,000 detector-like boxes (a quarter on CPU), 1 and 80 classes, positive and negative
+    thresholds, greedy and weighted, equal to the reference: the bit-matrix formulation GPUs take
+    (one host read; with small blocks, many blocks and reads) and the sparse one (stages and tile
+    chunks when forced small), on each device."""
+    monkeypatch.setenv("BOXLOSS_KERNEL", "eager")
+    monkeypatch.setattr(nms_mod, "_masked_path", lambda d: formulation == "masked")
+    if small_blocks:
+        for name, value in {"_DEVICE_BLOCK_VALUES": 1 << 16, "_HOST_READ_BYTES": 1 << 14, "_STAGE_MIN": 256,
+                            "_CHUNK_SLOTS": 4095, "_DENSE_MEAN_WINDOW": 4.0}.items():
+            monkeypatch.setattr(nms_mod, name, value)
+    g = torch.Generator().manual_seed(70)
+    for n, n_cls, t in ((5000, 80, 0.5), (3000, 1, 0.6), (3000, 3, -0.1)):
+        if device == "cpu":
+            n //= 4  # keeps the default suite fast; small blocks still make stages, chunks and reads
+        boxes, scores = wide_size_case(g, n)
+        idxs = torch.randint(0, n_cls, (n,), generator=g)
+        want = greedy_reference(boxes, scores, t, idxs)
+        got = boxloss.batched_diou_nms(boxes.to(device), scores.to(device), idxs.to(device), t)
+        assert got.device.type == device and torch.equal(got.cpu(), want), (n, n_cls, t)
+        keep, merged = boxloss.batched_weighted_nms(boxes.to(device), scores.to(device), idxs.to(device), t)
+        assert torch.equal(keep.cpu(), want) and merged.device.type == device
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int32])
 def test_low_precision_and_integer_boxes_computed_in_float32(dtype, kernel):
     g = torch.Generator().manual_seed(2)
@@ -698,8 +736,11 @@ def test_kernel_selection(monkeypatch):
     assert not nms_mod._use_native(cpu, 2**31)  # beyond the kernel's int32 indices
     monkeypatch.setenv("BOXLOSS_KERNEL", "eager")
     assert not nms_mod._use_native(cpu, 10)
+    monkeypatch.setenv("BOXLOSS_KERNEL", "triton")  # the losses' Triton kernels; NMS has none: as auto
+    assert nms_mod._use_native(cpu, 10) == (nms_mod._nms_native is not None)
+    assert not nms_mod._use_native(meta, 10)
     monkeypatch.setenv("BOXLOSS_KERNEL", "fast")
-    with pytest.raises(ValueError, match=r"BOXLOSS_KERNEL must be one of \('auto', 'native', 'eager'\), got 'fast'"):
+    with pytest.raises(ValueError, match=re.escape(f"BOXLOSS_KERNEL must be one of {BACKENDS}, got 'fast'")):
         boxloss.diou_nms(torch.zeros(2, 4), torch.zeros(2), 0.5)
     monkeypatch.setenv("BOXLOSS_KERNEL", "native")
     with pytest.raises(ValueError, match="BOXLOSS_KERNEL='native' runs on CPU tensors only, got device meta"):
@@ -721,6 +762,7 @@ def test_no_gradient_through_outputs(kernel):
     assert keep.tolist() == [0, 2, 1] and not s.requires_grad
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
 def test_device_mismatch_raises():
     with pytest.raises(ValueError, match="scores is on cpu but boxes is on cuda"):
