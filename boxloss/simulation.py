@@ -27,6 +27,15 @@ Two direction modes:
     torchvision's gradient). ``l1``, ``l2`` and ``smooth_l1`` (beta = 1) act on ``(x, y, w, h)``
     directly.
 
+    The losses after CIoU (:data:`AUTOGRAD_LOSSES`: EIoU, Focal-EIoU, SIoU, alpha-CIoU, Wise-IoU v1
+    and v3, MPDIoU, Inner-CIoU, Focaler-CIoU) have no closed form here: their direction is always
+    autograd through the public loss (whatever ``grad`` says), with the options of
+    :data:`AUTOGRAD_LOSSES`. Two need a choice the toy does not make by itself: MPDIoU's image is
+    the square [0, 20]^2 around the targets (``image_size=(20, 20)``, :data:`MPDIOU_IMAGE_SIZE`),
+    and Wise-IoU v3's mean of L_IoU is taken, at every step, over the 343 cases of each anchor centre
+    (the cases of one location play the part of one image's positives; a mean over the chunk would
+    make results depend on the chunk size).
+
 ``"paper"``
     The authors' hand-written directions, with which the published figure was made.
     They are ascent directions of the IoU-family *metric* worked out on the edges
@@ -66,6 +75,8 @@ from torch import Tensor
 
 __all__ = [
     "LOSSES",
+    "ANALYTIC_LOSSES",
+    "AUTOGRAD_LOSSES",
     "PAPER_LOSSES",
     "MODES",
     "GRADS",
@@ -82,8 +93,22 @@ __all__ = [
     "iterations_to_fraction",
 ]
 
-LOSSES = ("iou", "giou", "diou", "ciou", "l1", "l2", "smooth_l1")
+ANALYTIC_LOSSES = ("iou", "giou", "diou", "ciou", "l1", "l2", "smooth_l1")  # closed-form exact directions
+# name -> (boxloss.get_loss name, options): directions by autograd through the public loss
+AUTOGRAD_LOSSES = {
+    "eiou": ("eiou", {}),
+    "focal_eiou": ("eiou", {"focal_gamma": 0.5}),  # the paper's gamma
+    "siou": ("siou", {}),
+    "alpha_ciou": ("alpha_iou", {"alpha": 3.0, "kind": "ciou"}),  # the paper's recommended alpha
+    "wise_iou_v1": ("wise_iou", {"version": 1}),
+    "wise_iou": ("wise_iou", {"version": 3}),  # iou_mean per anchor centre, see _variant_loss
+    "mpdiou": ("mpdiou", {}),  # image_size = MPDIOU_IMAGE_SIZE
+    "inner_ciou": ("ciou", {"inner_ratio": 0.8}),
+    "focaler_ciou": ("ciou", {"focaler": (0.0, 0.95)}),  # the paper's default range
+}
+LOSSES = ANALYTIC_LOSSES + tuple(AUTOGRAD_LOSSES)
 PAPER_LOSSES = ("iou", "giou", "diou", "ciou")
+MPDIOU_IMAGE_SIZE = (20.0, 20.0)  # the targets are centred at (10, 10), every anchor within 3 + 2 of it
 MODES = ("exact", "paper")
 GRADS = ("analytic", "loss", "autograd")
 
@@ -450,9 +475,29 @@ def _reference_loss(name: str) -> Callable[[Tensor, Tensor], Tensor]:
     return lambda p, t: torch.where((p - t).abs() < beta, 0.5 * (p - t) ** 2 / beta, (p - t).abs() - 0.5 * beta).sum(-1)
 
 
+def _variant_loss(name: str, pred: Tensor, target: Tensor) -> Tensor:
+    """The summed loss of an :data:`AUTOGRAD_LOSSES` entry on ``[n, 4]`` xyxy boxes."""
+    from .boxes import matched_box_iou
+    from .losses import get_loss
+
+    fn_name, options = AUTOGRAD_LOSSES[name]
+    if fn_name == "mpdiou":
+        options = {**options, "image_size": MPDIOU_IMAGE_SIZE}
+    if fn_name == "wise_iou" and options.get("version", 3) != 1:
+        with torch.no_grad():  # the mean of L_IoU over each centre's 343 cases (all cases if they do not split)
+            l_iou = 1 - matched_box_iou(pred, target, eps=_EPS)
+            n = l_iou.numel()
+            groups = l_iou.view(-1, CASES_PER_POINT) if n % CASES_PER_POINT == 0 else l_iou.view(1, -1)
+            mean = groups.mean(1, keepdim=True).expand_as(groups).reshape(-1)
+        options = {**options, "iou_mean": mean}
+    return get_loss(fn_name, **options)(pred, target, reduction="sum", eps=_EPS)
+
+
 def _autograd_direction(loss: str, grad: str, c: _Chunk) -> tuple[Tensor, Tensor]:
     """``-dL/d(x, y, w, h)`` by autograd through the public loss (``"loss"``) or the reference formula."""
-    if grad == "loss":
+    if loss in AUTOGRAD_LOSSES:
+        value = lambda p, t: _variant_loss(loss, p, t)  # noqa: E731
+    elif grad == "loss":
         from .losses import get_loss
 
         fn = get_loss(loss)
@@ -462,7 +507,7 @@ def _autograd_direction(loss: str, grad: str, c: _Chunk) -> tuple[Tensor, Tensor
         value = lambda p, t: ref(p, t).sum()  # noqa: E731
     boxes = c.boxes.clone()
     with torch.enable_grad():
-        if loss in PAPER_LOSSES:
+        if loss not in ("l1", "l2", "smooth_l1"):  # box losses: on xyxy boxes
             half = 0.5 * boxes[2:]
             xyxy = torch.cat((boxes[:2] - half, boxes[:2] + half)).requires_grad_()  # [4, n] x1 y1 x2 y2
             target = torch.cat((c.lo_g, c.hi_g))
@@ -482,7 +527,7 @@ def _direction(loss: str, mode: str, grad: str, c: _Chunk) -> tuple[Tensor, Tens
     """(D ``[4, n]``, IoU ``[n]``) at the chunk's offsets; D points downhill (or the authors' way)."""
     if mode == "paper":
         return _paper_direction(loss, c)
-    if grad == "analytic":
+    if grad == "analytic" and loss in ANALYTIC_LOSSES:
         return _exact_direction(loss, c)
     return _autograd_direction(loss, grad, c)
 
@@ -503,7 +548,8 @@ def descent_direction(
         loss: one of :data:`LOSSES` (:data:`PAPER_LOSSES` in ``"paper"`` mode).
         mode: ``"exact"`` or ``"paper"``.
         grad: exact mode's gradient source: ``"analytic"`` (closed form), ``"loss"`` (autograd
-            through :func:`boxloss.get_loss`) or ``"autograd"`` (the plain reference formulas).
+            through :func:`boxloss.get_loss`) or ``"autograd"`` (the plain reference formulas);
+            :data:`AUTOGRAD_LOSSES` always use autograd through the public loss.
 
     Returns:
         ``(D [N, 4], IoU [N])`` in ``target``'s dtype.
@@ -532,7 +578,8 @@ class SimulationResult:
     """The outcome of :func:`simulate` for one loss.
 
     Attributes:
-        loss, mode, grad: what was run (``grad`` is exact mode's gradient source, ``None`` in paper mode).
+        loss, mode, grad: what was run (``grad`` is exact mode's gradient source, ``"loss"`` for
+            :data:`AUTOGRAD_LOSSES`, ``None`` in paper mode).
         points, cases, iterations: the protocol's size.
         total_error: ``[T + 1]`` float64, the l1 error summed over all cases after 0..T iterations.
         point_error: ``[points]`` float64, the final error summed over the 343 cases of each centre.
@@ -697,7 +744,7 @@ def simulate(
     return SimulationResult(
         loss=loss,
         mode=mode,
-        grad=grad if mode == "exact" else None,
+        grad=None if mode == "paper" else "loss" if loss in AUTOGRAD_LOSSES else grad,
         points=points,
         cases=num_cases(points),
         iterations=iterations,

@@ -2,13 +2,16 @@
 
     python tools/simulate.py --losses iou giou diou ciou --mode paper --out docs/sim/paper
     python tools/simulate.py --losses iou giou diou ciou l1 l2 smooth_l1 --mode exact --out docs/sim/exact
+    python tools/simulate.py --mode exact --losses all --out docs/sim/exact_family
 
 The defaults are the paper's protocol: 5,000 anchor centres x 343 anchor/target pairs = 1,715,000
 cases, 200 iterations of B_t = B_{t-1} + eta (2 - IoU) D with eta = 0.1 / 0.01 / 0.001. ``--mode
 paper`` uses the authors' hand-written directions (the published Fig. 3(b)); ``--mode exact`` the
 true gradients of our losses (``--grad loss`` runs them through boxloss's public loss functions,
 ``--grad autograd`` through the plain reference formulas, the default ``analytic`` through the
-closed form in boxloss/simulation.py). Writes, each atomically (temp file, then os.replace):
+closed form in boxloss/simulation.py; the losses after CIoU, boxloss.simulation.AUTOGRAD_LOSSES,
+always run autograd through the public losses). ``--losses all`` is every loss of the mode.
+Writes, each atomically (temp file, then os.replace):
 
     OUT/summary.json          {"cases", "points", "iterations", "mode", "losses": {name: {"total_error":
                               [T+1 floats], "final_error", "seconds", ...}}, ...}
@@ -60,6 +63,16 @@ DIRECTIONS = {
         "l1": "-dL/d(x,y,w,h) of sum |B - G|",
         "l2": "-dL/d(x,y,w,h) of sum (B - G)^2",
         "smooth_l1": "-dL/d(x,y,w,h) of smooth-L1 with beta = 1",
+        "eiou": "-dL/d(x,y,w,h) of the EIoU loss (autograd)",
+        "focal_eiou": "-dL/d(x,y,w,h) of Focal-EIoU, gamma = 0.5, IoU^gamma held constant (autograd)",
+        "siou": "-dL/d(x,y,w,h) of the SIoU loss, the paper's sign, theta = 4 (autograd)",
+        "alpha_ciou": "-dL/d(x,y,w,h) of alpha-CIoU, alpha = 3, beta held constant (autograd)",
+        "wise_iou_v1": "-dL/d(x,y,w,h) of Wise-IoU v1, the denominator held constant (autograd)",
+        "wise_iou": "-dL/d(x,y,w,h) of Wise-IoU v3 (alpha 1.9, delta 3), the mean of L_IoU over each "
+        "centre's 343 cases at every step (autograd)",
+        "mpdiou": "-dL/d(x,y,w,h) of MPDIoU with image_size (20, 20) (autograd)",
+        "inner_ciou": "-dL/d(x,y,w,h) of Inner-CIoU, ratio 0.8 (autograd)",
+        "focaler_ciou": "-dL/d(x,y,w,h) of Focaler-CIoU, (d, u) = (0, 0.95) (autograd)",
     },
 }
 
@@ -97,7 +110,8 @@ def markdown_table(summary: dict) -> str:
     for name, r in summary["losses"].items():
         curve = r["total_error"]
         hit = r["iterations_to_1pct"]
-        row = [f"`{name}`", fmt(r["final_error"]), *[fmt(curve[t]) for t in cols], "never" if hit is None else str(hit),
+        label = f"`{name}`" + (" (autograd)" if summary["mode"] == "exact" and r.get("grad") != summary["grad"] else "")
+        row = [label, fmt(r["final_error"]), *[fmt(curve[t]) for t in cols], "never" if hit is None else str(hit),
                f"{r['seconds']:.1f}"]
         lines.append("| " + " | ".join(row) + " |")
     load = summary.get("load_average")
@@ -163,8 +177,9 @@ def plot_map(path: str, summary: dict, centres: torch.Tensor, point_errors: dict
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--losses", nargs="+", default=list(sim.PAPER_LOSSES), choices=sim.LOSSES,
-                   help="losses to simulate, one run each (paper mode: iou giou diou ciou only)")
+    p.add_argument("--losses", nargs="+", default=list(sim.PAPER_LOSSES), choices=sim.LOSSES + ("all",),
+                   help="losses to simulate, one run each (paper mode: iou giou diou ciou only); "
+                   "all: every loss of the mode")
     p.add_argument("--mode", default="paper", choices=sim.MODES,
                    help="paper: the authors' directions (the published figure); exact: true gradients")
     p.add_argument("--points", type=int, default=5000, help="anchor centres; cases = 343 x points (the paper: 5000)")
@@ -179,6 +194,8 @@ def main(argv=None) -> dict:
     p.add_argument("--workers", type=int, default=None, help="CPU threads running chunks (default: torch's threads)")
     p.add_argument("--out", default=None, help="output directory (default: work_dirs/simulate_MODE)")
     args = p.parse_args(argv)
+    if "all" in args.losses:
+        args.losses = list(sim.PAPER_LOSSES if args.mode == "paper" else sim.LOSSES)
 
     if args.mode == "paper":
         bad = [name for name in args.losses if name not in sim.PAPER_LOSSES]
@@ -258,6 +275,7 @@ def main(argv=None) -> dict:
             "seconds": round(r.seconds, 3),
             "iterations_to_1pct": sim.iterations_to_fraction(r.total_error, 0.01),
             "direction": DIRECTIONS[args.mode][name],
+            "grad": r.grad,
         }
         point_errors[name], centres = r.point_error, r.centres
         print(f"[{args.mode} {name}] total error {fmt(curve[0])} -> {fmt(r.final_error)} at t={args.iters}, "

@@ -155,7 +155,7 @@ def random_pairs(n, seed=0):
     return torch.cat([pred, ties]), torch.cat([target, xywh(*[(10.0, 10.0, 1.0, 1.0)] * len(ties))])
 
 
-@pytest.mark.parametrize("loss", sim.LOSSES)
+@pytest.mark.parametrize("loss", sim.ANALYTIC_LOSSES)
 def test_exact_direction_equals_autograd_and_public_losses(loss):
     pred, target = random_pairs(3000)
     d, iou = sim.descent_direction(pred, target, loss)
@@ -183,7 +183,7 @@ def test_exact_direction_is_minus_the_gradient_of_the_loss(loss):
     assert d[0].tolist() == pytest.approx(fd, abs=1e-7)
 
 
-@pytest.mark.parametrize("loss", sim.LOSSES)
+@pytest.mark.parametrize("loss", sim.ANALYTIC_LOSSES)
 def test_exact_directions_agree_along_a_run(loss, points=8):
     """Teacher forcing: along the autograd-driven trajectory, the analytic direction at every state
     equals autograd's to 1e-9 (float64), for every case and iteration."""
@@ -199,7 +199,7 @@ def test_exact_directions_agree_along_a_run(loss, points=8):
     assert worst < 1e-9
 
 
-@pytest.mark.parametrize("loss", sim.LOSSES)
+@pytest.mark.parametrize("loss", sim.ANALYTIC_LOSSES)
 def test_exact_trajectories_analytic_vs_autograd(loss, points=8):
     """Free-running runs: L-norms identical; the IoU family identical to 1e-9 for the first 20
     iterations, after which the few chaotic cases amplify rounding (see test_chaos_...), while the
@@ -217,13 +217,13 @@ def test_exact_trajectories_analytic_vs_autograd(loss, points=8):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", sim.LOSSES)
+@pytest.mark.parametrize("loss", sim.ANALYTIC_LOSSES)
 def test_exact_directions_agree_along_a_200_point_run(loss):
     test_exact_directions_agree_along_a_run(loss, points=200)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", sim.LOSSES)
+@pytest.mark.parametrize("loss", sim.ANALYTIC_LOSSES)
 def test_exact_trajectories_analytic_vs_autograd_200_points(loss):
     test_exact_trajectories_analytic_vs_autograd(loss, points=200)
 
@@ -243,6 +243,54 @@ def test_chaos_one_ulp_diverges_like_autograd(loss):
     diverged_grad = ((a.final_boxes - b.final_boxes).abs().amax(1) > 1e-9).sum().item()
     diverged_ulp = ((a.final_boxes - c.boxes.T).abs().amax(1) > 1e-9).sum().item()
     assert 0.3 * diverged_ulp <= diverged_grad <= 3 * diverged_ulp
+
+
+# ---------------------------------------------------------------- the losses after CIoU (autograd)
+
+
+def _public_gradient(name, options, pred, target):
+    """-dL/d(x, y, w, h) through boxloss.box_convert and the public loss, written apart from the engine."""
+    p = pred.clone().requires_grad_()
+    loss = boxloss.get_loss(name, **options)(boxloss.box_convert(p, "cxcywh", "xyxy"),
+                                             boxloss.box_convert(target, "cxcywh", "xyxy"), reduction="sum")
+    return -torch.autograd.grad(loss, p)[0]
+
+
+@pytest.mark.parametrize("loss", list(sim.AUTOGRAD_LOSSES))
+def test_autograd_losses_direction_is_minus_the_public_gradient(loss):
+    anchors, targets = sim.make_cases(sim.anchor_centres(3, seed=1), F64)
+    pred, target = anchors.T.contiguous(), targets.T.contiguous()
+    pred = pred + 0.3 * torch.randn(pred.shape, generator=torch.Generator().manual_seed(2), dtype=F64).clamp(-1, 1)
+    pred[:, 2:] = pred[:, 2:].abs() + 0.1
+    name, options = sim.AUTOGRAD_LOSSES[loss]
+    options = dict(options)
+    if name == "mpdiou":
+        options["image_size"] = (20.0, 20.0)
+    if loss == "wise_iou":  # the mean of L_IoU over each centre's 343 cases
+        l_iou = 1 - boxloss.matched_box_iou(boxloss.box_convert(pred, "cxcywh", "xyxy"),
+                                            boxloss.box_convert(target, "cxcywh", "xyxy"))
+        options["iou_mean"] = l_iou.view(3, 343).mean(1).repeat_interleave(343)
+    want = _public_gradient(name, options, pred, target)
+    for grad in sim.GRADS:  # no closed form: every gradient source is the public loss
+        d, iou = sim.descent_direction(pred, target, loss, grad=grad)
+        torch.testing.assert_close(d, want, rtol=1e-12, atol=1e-14)
+    assert want.abs().max() > 0.01  # it moves the boxes
+    torch.testing.assert_close(iou, sim.descent_direction(pred, target, "ciou")[1], rtol=0, atol=0)
+
+
+def test_wise_iou_mean_is_per_centre_so_runs_do_not_depend_on_chunks():
+    a = sim.simulate("wise_iou", points=4, iterations=30, dtype=F64, chunk_points=4)
+    b = sim.simulate("wise_iou", points=4, iterations=30, dtype=F64, chunk_points=1, workers=1)
+    torch.testing.assert_close(a.total_error, b.total_error, rtol=1e-12, atol=0)
+    assert a.grad == "loss"
+
+
+@pytest.mark.parametrize("loss", list(sim.AUTOGRAD_LOSSES))
+def test_autograd_losses_run(loss):
+    r = sim.simulate(loss, points=8, iterations=40, dtype=F64)  # some centres near the targets: overlaps
+    assert torch.isfinite(r.total_error).all() and r.total_error.shape == (41,)
+    assert r.final_error < r.total_error[0]
+    assert r.mode == "exact" and r.grad == "loss"
 
 
 # ---------------------------------------------------------------- the engine
@@ -284,6 +332,8 @@ def test_bad_arguments_raise_with_the_value():
         sim.simulate("iou", mode="true", points=1)
     with pytest.raises(ValueError, match="paper.* got loss='l1'"):
         sim.simulate("l1", mode="paper", points=1)
+    with pytest.raises(ValueError, match="paper.* got loss='siou'"):
+        sim.simulate("siou", mode="paper", points=1)
     with pytest.raises(ValueError, match="grad must be one of .* got 'numeric'"):
         sim.simulate("iou", grad="numeric", points=1)
     with pytest.raises(ValueError, match="points must be an integer >= 1, got 0"):
@@ -360,3 +410,18 @@ def test_tool_writes_summary_table_and_plots(tmp_path, capsys):
     assert "[exact giou] 2,058/2,058 cases (100%)" in out
     with pytest.raises(SystemExit):
         tool.main(["--mode", "paper", "--losses", "l1", "--points", "1", "--out", str(tmp_path)])
+
+
+def test_tool_runs_every_loss_with_all(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    try:
+        import simulate as tool
+    finally:
+        sys.path.pop(0)
+    summary = tool.main(["--mode", "exact", "--losses", "all", "--points", "1", "--iters", "3", "--out", str(tmp_path)])
+    assert list(summary["losses"]) == list(sim.LOSSES)
+    table = (tmp_path / "table.md").read_text()
+    assert "| `siou` (autograd) |" in table and "| `ciou` |" in table
+    assert summary["losses"]["mpdiou"]["grad"] == "loss" and summary["losses"]["giou"]["grad"] == "analytic"
+    paper = tool.main(["--mode", "paper", "--losses", "all", "--points", "1", "--iters", "3", "--out", str(tmp_path)])
+    assert list(paper["losses"]) == list(sim.PAPER_LOSSES)
