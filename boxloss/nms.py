@@ -75,6 +75,7 @@ import math
 import numbers
 import os
 import struct
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -161,9 +162,9 @@ def diou_nms(
         (Cluster-NMS), arXiv:2005.03572.
     """
     boxes, scores, _ = _check_inputs(boxes, scores, None, iou_threshold, beta, distance)
-    if _use_native(boxes.device, boxes.shape[0]):
-        return _native_nms(boxes, scores, None, float(iou_threshold), float(beta), distance, False)[0]
-    return _nms(boxes, scores, None, float(iou_threshold), float(beta), distance)
+    if _tracing(boxes):
+        return _diou_nms_op(boxes, scores, None, float(iou_threshold), float(beta), distance)
+    return _greedy_nms(boxes, scores, None, float(iou_threshold), float(beta), distance)
 
 
 def batched_diou_nms(
@@ -196,9 +197,9 @@ def batched_diou_nms(
         Zheng et al., "Distance-IoU Loss", AAAI 2020, arXiv:1911.08287.
     """
     boxes, scores, idxs = _check_inputs(boxes, scores, idxs, iou_threshold, beta, distance)
-    if _use_native(boxes.device, boxes.shape[0]):
-        return _native_nms(boxes, scores, idxs, float(iou_threshold), float(beta), distance, False)[0]
-    return _nms(boxes, scores, idxs, float(iou_threshold), float(beta), distance)
+    if _tracing(boxes):
+        return _diou_nms_op(boxes, scores, idxs, float(iou_threshold), float(beta), distance)
+    return _greedy_nms(boxes, scores, idxs, float(iou_threshold), float(beta), distance)
 
 
 def weighted_nms(
@@ -373,6 +374,39 @@ def batched_soft_nms(
     return _soft_torch(boxes, scores, idxs, *args)
 
 
+# ------------------------------------------------------------------ torch.compile / torch.export
+
+
+def _greedy_nms(boxes: Tensor, scores: Tensor, idxs: Tensor | None, t: float, beta: float, distance: bool) -> Tensor:
+    """Kept indices by the C kernel or the torch path (checked arguments)."""
+    if _use_native(boxes.device, boxes.shape[0]):
+        return _native_nms(boxes, scores, idxs, t, beta, distance, False)[0]
+    return _nms(boxes, scores, idxs, t, beta, distance)
+
+
+def _tracing(boxes: Tensor) -> bool:
+    """Whether a tracer (torch.compile, torch.export) or fake tensors run the call: then NMS is the
+    opaque op ``boxloss::diou_nms`` (the C kernel reads raw pointers and the torch path has
+    data-dependent sizes; neither can be traced). Eager calls skip the dispatcher's overhead."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return torch.compiler.is_compiling() or isinstance(boxes, FakeTensor)
+
+
+@torch.library.custom_op("boxloss::diou_nms", mutates_args=())
+def _diou_nms_op(boxes: Tensor, scores: Tensor, idxs: Optional[Tensor], iou_threshold: float, beta: float,
+                 distance: bool) -> Tensor:
+    """``boxloss::diou_nms``: :func:`batched_diou_nms` (``idxs`` given) or :func:`diou_nms` as one op,
+    whose number of kept boxes is a data-dependent size for tracers."""
+    return _greedy_nms(boxes, scores, idxs, iou_threshold, beta, distance)
+
+
+@_diou_nms_op.register_fake
+def _(boxes, scores, idxs, iou_threshold, beta, distance):
+    k = torch.library.get_ctx().new_dynamic_size()  # 0 <= K <= N kept boxes, known only when run
+    return boxes.new_empty((k,), dtype=torch.int64)
+
+
 # ---------------------------------------------------------------------------------------- checks
 
 
@@ -400,7 +434,8 @@ def _check_inputs(boxes, scores, idxs, iou_threshold, beta, distance):
             raise TypeError(f"idxs must be an integer tensor of category ids, got dtype {idxs.dtype}")
         if idxs.device != boxes.device:
             raise ValueError(f"idxs is on {idxs.device} but boxes is on {boxes.device}")
-    if isinstance(iou_threshold, bool) or not isinstance(iou_threshold, numbers.Real) or math.isnan(iou_threshold):
+    # x != x for NaN: also on torch.compile's symbolic floats, where math.isnan breaks the graph
+    if isinstance(iou_threshold, bool) or not isinstance(iou_threshold, numbers.Real) or iou_threshold != iou_threshold:
         raise ValueError(f"iou_threshold must be a real number, got {iou_threshold!r}")
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not beta > 0:
         raise ValueError(f"beta must be a number > 0 (inf allowed), got {beta!r}")
@@ -417,7 +452,7 @@ def _check_soft_args(method, sigma, score_threshold):
     if (
         isinstance(score_threshold, bool)
         or not isinstance(score_threshold, numbers.Real)
-        or math.isnan(score_threshold)
+        or score_threshold != score_threshold
     ):
         raise ValueError(f"score_threshold must be a real number, got {score_threshold!r}")
 
