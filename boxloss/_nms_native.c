@@ -4,10 +4,13 @@
  * contiguous tensors it keeps alive and preallocated outputs; the work runs with the GIL released.
  *
  * Greedy NMS, per category, visits the boxes by rank (decreasing score, ties by index) and tests
- * each one only against the kept boxes near it: the category's boxes are sorted by x1 once, the
- * kept ones are bits of a bitset over that order, and a box q scans the kept bits of the x1 window
- * that the threshold allows (see greedy_segment). The work is O(N log N + sum of window scans),
- * against torchvision's O(N K) loop over all later boxes of every kept box.
+ * each one only against the kept boxes near it: the category's boxes are counting-sorted by the
+ * cell of their corner (x1, y1) in a uniform grid (one grid per size level, powers of two of
+ * max(w, h), in categories of LEVELS_MIN_BOXES boxes or more), the kept ones are bits of a bitset
+ * over that order, and a box q scans the kept bits of the window that the threshold allows, in the
+ * levels whose sizes IoU > t permits (see greedy_segment). The work is O(N + sum of window scans),
+ * against torchvision's O(N K) loop over all later boxes of every kept box. Soft-NMS finds the
+ * boxes a selected box decays through the same grids, with an indexed heap of current scores.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

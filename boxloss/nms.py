@@ -14,14 +14,24 @@ drops one; ``beta -> inf`` (or ``distance=False``) is plain IoU NMS.
 Two implementations give the same kept indices, in the same order (see :func:`_use_native`):
 
 * **native** (the CPU default): ``boxloss._nms_native``, plain C built by ``pip install``. Per
-  category, the boxes are visited by rank and each is tested only against the kept boxes whose x1
-  lies in the window the threshold allows (the bound of step 2 below), found by binary search in
-  the category's boxes sorted by x1, the kept ones being bits of a bitset over that order. The
+  category, the boxes are visited by rank and each is tested only against the kept boxes whose
+  corner lies in the window the threshold allows (the bounds of step 2 below), found through
+  uniform grids over the corners (x1, y1), one per size level (powers of two of max(w, h)) in large
+  categories, the kept ones being bits of a bitset over the grid order. The
   values are computed in the same dtype with the same operations in the same order as the torch
   path, so values exactly at the threshold decide alike. No torch op besides the input checks;
   the GIL is released. ``BOXLOSS_KERNEL=eager`` selects the torch path on CPU (the variable and
   values of the loss kernels, ``boxloss._kernels.BACKENDS``).
-* **torch** (GPUs, CPUs without the extension, and the test oracle): PyTorch ops only, below.
+* **torch** (GPUs, CPUs without the extension, and the test oracle): PyTorch ops only. On CPU
+  tensors, the sparse formulation below. Off the CPU, :func:`_nms_masked`: the bit matrix of
+  "i would suppress j" computed on the device in blocks of rows, read back in one transfer (the one
+  host-device synchronisation of a call, up to ~46,000 boxes) and resolved by the greedy loop on the
+  host, as torchvision's CUDA NMS does; the sparse formulation's data-dependent sizes would cost
+  tens of synchronisations per call.
+
+While tracing (torch.compile, torch.export) or on fake tensors, :func:`diou_nms` and
+:func:`batched_diou_nms` are the custom op ``boxloss::diou_nms``, whose number of kept boxes is a
+data-dependent size for the tracer.
 
 How the exact greedy result is reached with PyTorch ops, without a per-box Python loop
 --------------------------------------------------------------------------------------
@@ -60,8 +70,7 @@ IoU is 0 or NaN). The two implementations agree bit for bit with ``beta`` 1 (the
 and inf; for ``beta = 0.5`` the C kernel takes the correctly rounded ``sqrt`` and for other
 ``beta`` libm's ``pow`` of the float64 base (torch's scalar loop), while torch's CPU kernels use
 MKL's ``sqrt`` and SLEEF's ``pow``, within 1 ulp but not correctly rounded, so a penalty can
-differ in its last bit there. No data-dependent asserts; a few host syncs (sizes of candidate and
-edge lists, one per resolution round) are unavoidable on CUDA.
+differ in its last bit there. No data-dependent asserts.
 
 Weighted NMS (:func:`weighted_nms`) is the same greedy pass, returning for each kept box the
 score-weighted mean of the boxes it suppresses. Soft-NMS (:func:`soft_nms`) decays scores instead

@@ -19,9 +19,11 @@ plain IoU). Table 2: one class, ``boxloss.diou_nms`` against ``torchvision.ops.n
 interleaved round-robin so that load from other processes hits all of them alike (the order
 rotates every round); each time is the median over ``--repeats`` rounds after ``--warmup``
 rounds. Ratios are ours / torchvision (< 1 is faster). It also checks that ``distance=False``
-returns exactly torchvision's indices. ``--eager`` adds the torch-op path (``BOXLOSS_KERNEL=eager``,
-the path of GPUs and of installs without the C extension) as a column, timed after the others
-(median of ``--repeats`` / 5 rounds), and checks that it returns the C kernel's indices.
+returns exactly torchvision's indices. ``--eager`` adds the torch-op path on CPU tensors
+(``BOXLOSS_KERNEL=eager``, the path of installs without the C extension) as a column, timed after
+the others (median of ``--repeats`` / 5 rounds), and checks that it returns the C kernel's indices.
+``--soft`` adds Table 3: ``boxloss.batched_soft_nms`` (gaussian, IoU and DIoU overlaps) on the same
+inputs, times only (torchvision has no Soft-NMS).
 """
 
 from __future__ import annotations
@@ -137,6 +139,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)  # torch intra-op threads (the 2-core machine's count)
     p.add_argument("--boxes-per-object", type=int, default=25)  # cluster size (80 % of it around the object)
     p.add_argument("--eager", action="store_true")  # also time the torch-op path
+    p.add_argument("--soft", action="store_true")  # also time Soft-NMS (Table 3)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -202,6 +205,19 @@ def main() -> None:
                 flush=True,
             )
         print(f"\nlargest ratio of table {1 if table == 'batched' else 2}: {worst:.3f}")
+    if args.soft:
+        print("\nTable 3: boxloss.batched_soft_nms, gaussian (sigma 0.5, score_threshold 0.001)\n")
+        print("| boxes | classes | selected IoU / DIoU | IoU overlap ms | DIoU overlap ms |")
+        print("| ---: | ---: | ---: | ---: | ---: |")
+        for name, c, (boxes, scores, labels) in cases:
+            fns = {
+                "iou": lambda: boxloss.batched_soft_nms(boxes, scores, labels),
+                "diou": lambda: boxloss.batched_soft_nms(boxes, scores, labels, distance=True),
+            }
+            kept = {k: len(fn()[0]) for k, fn in fns.items()}
+            med = time_round_robin(fns, max(3, args.repeats // 5), 1)
+            print(f"| {name} | {c} | {kept['iou']} / {kept['diou']} | {med['iou'] * 1e3:.3f} | {med['diou'] * 1e3:.3f} |",
+                  flush=True)
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     print(f"\nload average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
