@@ -40,3 +40,10 @@ demo: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# On a machine with one CUDA GPU: build, CUDA tests, benchmarks, simulation, training-step timings,
+# one report (work_dirs/gpu_check/report.md) in <= 8 minutes. Installs nothing and needs no network:
+# the Python of .venv when there is one, else $(PYTHON) with its own torch (>= 2.6).
+.PHONY: gpu-check
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) tools/gpu_check.py

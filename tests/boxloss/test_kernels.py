@@ -87,14 +87,24 @@ def small_chunks(pred, target, kind, eps=1e-7, **options):
     return _kernels.iou_family_loss(pred, target, kind, eps, chunk=7, backend="eager", **options)
 
 
+def triton(pred, target, kind, eps=1e-7, **options):
+    """The Triton kernels (the CUDA default; on CPU tensors tests/boxloss/test_triton.py runs them
+    through Triton's interpreter)."""
+    return _kernels.iou_family_loss(pred, target, kind, eps, backend="triton", **options)
+
+
 IMPLEMENTATIONS = {"reference": reference_loss, "kernel": kernel_loss, "native": native, "eager": eager,
-                   "eager-chunk7": small_chunks}
-KERNELS = ["native", "eager", "eager-chunk7"]  # every kernel, each by name
+                   "eager-chunk7": small_chunks, "triton": triton}
+KERNELS = ["native", "eager", "eager-chunk7", "triton"]  # every kernel, each by name
 # without the extension, test_native_extension_is_built says why; the native tests skip
 NEEDS_NATIVE = pytest.mark.skipif(not _kernels.native_available(), reason="boxloss._native is not built")
 
 
 def skip_native_off_cpu(impl, device):
+    if impl == "triton" and device == "cpu":
+        pytest.skip("Triton on CPU tensors: the interpreter, in tests/boxloss/test_triton.py")
+    if impl == "triton" and not _kernels.triton_available():
+        pytest.skip("triton is not installed")
     if impl == "native" and device != "cpu":
         pytest.skip("the compiled loops are CPU-only (GPUs run the eager kernel)")
     if impl == "native" and not _kernels.native_available():
@@ -147,7 +157,8 @@ def test_parity_degenerate_boxes(kind, options, dtype, device):
     """Zero width/height, inverted sides, points: finite, and the reference's values and gradients."""
     pred, target = degenerate_pairs(dtype)
     pred, target = pred.to(device), target.to(device)
-    for impl in KERNELS if device == "cpu" and _kernels.native_available() else KERNELS[1:]:
+    cpu_kernels = KERNELS[:3] if _kernels.native_available() else KERNELS[1:3]
+    for impl in cpu_kernels if device == "cpu" else KERNELS[1:] if _kernels.triton_available() else KERNELS[1:3]:
         got = value_and_grads(IMPLEMENTATIONS[impl], pred, target, kind=kind, **options)
         want = value_and_grads(reference_loss, pred, target, kind=kind, **options)
         assert all(torch.isfinite(x).all() for x in got), got
@@ -641,3 +652,67 @@ def test_bench_native_backend_leaves_cuda_rows_on_a_gpu_kernel(monkeypatch, caps
                 "--backend", "native" if _kernels.native_available() else "eager"])
     assert os.environ["BOXLOSS_KERNEL"] == "eager"
     assert "| cpu | 2e+02 | giou |" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- tools/gpu_check.py (its CPU-testable parts)
+
+
+def load_gpu_check():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_plan_fits_eight_minutes(capsys, tmp_path):
+    check = load_gpu_check()
+    assert sum(check.BUDGETS.values()) <= check.TOTAL_BUDGET <= 8 * 60 - 10
+    assert check.main(["--dry-run", "--out", str(tmp_path)]) == 0  # the GPU plan, printed without a GPU
+    printed = capsys.readouterr().out
+    for name in check.BUDGETS:
+        assert name in printed, name
+    assert "-m cuda" in printed and "--device cuda" in printed and "--sizes 1e4 1e5 1e6 1e7" in printed
+    assert "--mode paper" in printed and "--mode exact" in printed
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_gpu_check_records_each_failure_and_goes_on(monkeypatch, tmp_path):
+    """A failing, a timed-out and a skipped step are recorded in the report; the others still run."""
+    import sys
+
+    check = load_gpu_check()
+    py = sys.executable
+    plan = [
+        dict(name="build", budget=30, cmd=[py, "-c", "print('built')"]),
+        dict(name="cuda-tests", budget=30, cmd=[py, "-c", "import sys; print('3 failed'); sys.exit(3)"]),
+        dict(name="bench-losses", budget=1, cmd=[py, "-c", "import time; time.sleep(30)"]),
+        dict(name="bench-nms", budget=40, skip="tools/bench_nms.py has no --device flag"),
+        dict(name="simulation-paper", budget=30, cmd=[py, "-c", "print('after the failures')"]),
+    ]
+    monkeypatch.setattr(check, "steps", lambda args: plan)
+    assert check.main(["--device", "cpu", "--out", str(tmp_path)]) == 1
+    report = (tmp_path / "report.md").read_text()
+    assert "| build | passed |" in report
+    assert "| cuda-tests | failed (exit status 3) |" in report and "3 failed" in report
+    assert "| bench-losses | timed out after 1 s |" in report
+    assert "Skipped: tools/bench_nms.py has no --device flag" in report
+    assert "| simulation-paper | passed |" in report and "after the failures" in report
+    assert (tmp_path / "cuda-tests.log").read_text().strip() == "3 failed"
+
+
+def test_gpu_check_detector_step_counts_the_box_loss(tmp_path):
+    """The training-step timing (toy size on CPU): the default head makes no boxloss call, the CIoU
+    head makes some, whose standalone time gives the loss's share of a step."""
+    import json
+
+    check = load_gpu_check()
+    check.detector_steps(str(tmp_path / "steps.json"), "cpu", quick=True, archs=("retinanet",))
+    rows = json.loads((tmp_path / "steps.json").read_text())["rows"]
+    assert [(r["arch"], r["loss"]) for r in rows] == [("retinanet", "default"), ("retinanet", "ciou")]
+    assert rows[0]["loss_calls"] == 0 and "share" not in rows[0]
+    assert rows[1]["loss_calls"] >= 1 and rows[1]["loss_pairs"] > 0
+    assert 0 < rows[1]["share"] == rows[1]["loss_ms"] / rows[1]["step_ms"]
