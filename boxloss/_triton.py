@@ -320,6 +320,11 @@ def _quiet():
     return np.errstate(all="ignore")
 
 
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' (cuda:1 beside a current 0)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def forward(kind: str, pred: Tensor, target: Tensor, eps: float, log: bool, paper: bool, gated: bool,
             rows: int) -> tuple[Tensor, Tensor | None]:
     """Loss ``[N]`` and the gradient rows ``[rows, N]`` (None for ``rows == 0``) of ``[N, 4]`` pairs."""
@@ -329,7 +334,7 @@ def forward(kind: str, pred: Tensor, target: Tensor, eps: float, log: bool, pape
     grad = torch.empty((rows, n), device=device, dtype=dtype) if rows else None
     if n:
         c = _constants(device, dtype, eps)
-        with _quiet():
+        with _quiet(), _on(device):
             _forward_kernel[(triton.cdiv(n, BLOCK),)](
                 p, t, loss, grad if grad is not None else loss, c, n,
                 KIND=_KIND_ID[kind], ROWS=rows, LOG=log, PAPER=paper, GATED=gated, F64=dtype == torch.float64,
@@ -344,7 +349,8 @@ def backward(grad_out: Tensor, g: Tensor, need_target: bool) -> tuple[Tensor, Te
     gt = torch.empty((n, 4), device=g.device, dtype=g.dtype) if need_target else None
     if n:
         go = grad_out.reshape(-1)  # "sum"/"mean" give an expanded (stride-0) gradient: read as is
-        _backward_kernel[(triton.cdiv(n, BLOCK),)](
-            g, go, go.stride(0), gp, gt if gt is not None else gp, n,
-            ROWS=rows, NEED_T=need_target, BLOCK=BLOCK)
+        with _on(g.device):
+            _backward_kernel[(triton.cdiv(n, BLOCK),)](
+                g, go, go.stride(0), gp, gt if gt is not None else gp, n,
+                ROWS=rows, NEED_T=need_target, BLOCK=BLOCK)
     return gp, gt
