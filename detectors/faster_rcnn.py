@@ -17,7 +17,7 @@ from torchvision.ops import boxes as box_ops
 
 from .losses import box_regression_loss
 from .nms import select
-from .options import set_box_loss, set_nms
+from .options import IMAGE_SIZE_LOSSES, set_box_loss, set_nms
 
 __all__ = ["BoxLossRegionProposalNetwork", "BoxLossRoIHeads", "BoxLossFasterRCNN"]
 
@@ -35,15 +35,16 @@ class BoxLossRegionProposalNetwork(RegionProposalNetwork):
         loss_weight: multiplies the box loss; None takes :func:`default_box_loss_weight`.
         nms: ``"iou"`` or ``"diou"``: the per-level NMS that filters the proposals.
         nms_beta: DIoU-NMS exponent.
+        box_loss_cfg: options of the box loss (``rpn_box_loss_cfg`` of :func:`build_detector`).
     """
 
     def __init__(self, anchor_generator, head, fg_iou_thresh, bg_iou_thresh, batch_size_per_image,
                  positive_fraction, pre_nms_top_n, post_nms_top_n, nms_thresh, score_thresh=0.0, *,
                  box_loss: str = "default", loss_weight=None, nms: str = "iou", nms_beta: float = 1.0,
-                 soft_nms_sigma: float = 0.5):
+                 soft_nms_sigma: float = 0.5, box_loss_cfg=None):
         super().__init__(anchor_generator, head, fg_iou_thresh, bg_iou_thresh, batch_size_per_image,
                          positive_fraction, pre_nms_top_n, post_nms_top_n, nms_thresh, score_thresh)
-        set_box_loss(self, "rpn", box_loss, loss_weight, prefix="rpn_")
+        set_box_loss(self, "rpn", box_loss, loss_weight, prefix="rpn_", box_loss_cfg=box_loss_cfg)
         set_nms(self, nms, nms_beta, soft_nms_sigma, prefix="rpn_")
 
     @classmethod
@@ -108,18 +109,19 @@ class BoxLossRegionProposalNetwork(RegionProposalNetwork):
                 loss_objectness, loss_box = self.compute_loss(objectness, pred_bbox_deltas, labels, regression_targets)
             else:
                 loss_objectness, loss_box = self.compute_box_loss(
-                    objectness, pred_bbox_deltas, labels, anchors, matched_gt_boxes
+                    objectness, pred_bbox_deltas, labels, anchors, matched_gt_boxes, images.image_sizes
                 )
             losses = {"loss_objectness": loss_objectness, "loss_rpn_box_reg": self.loss_weight * loss_box}
         return boxes, losses
 
-    def compute_box_loss(self, objectness, pred_bbox_deltas, labels, anchors, matched_gt_boxes):
+    def compute_box_loss(self, objectness, pred_bbox_deltas, labels, anchors, matched_gt_boxes, image_sizes=None):
         """Objectness and box loss of the sampled anchors, with the anchors the box loss needs.
 
         Args:
             objectness: ``[sum(HWA), 1]`` logits; pred_bbox_deltas: ``[sum(HWA), 4]``.
             labels: per image ``[HWA]`` 1 / 0 / -1 (positive, negative, ignored).
             anchors, matched_gt_boxes: per image ``[HWA, 4]``.
+            image_sizes: per image its input (height, width): needed by ``mpdiou`` only.
 
         Returns:
             (objectness loss, unweighted box loss): BCE mean over the sampled anchors, and the box
@@ -136,8 +138,18 @@ class BoxLossRegionProposalNetwork(RegionProposalNetwork):
             torch.cat(anchors)[sampled_pos],
             torch.cat(matched_gt_boxes)[sampled_pos],
             self.box_coder,
+            options=self.box_loss_cfg,
+            image_size=_per_box_sizes(image_sizes, anchors)[sampled_pos] if self.box_loss in IMAGE_SIZE_LOSSES else None,
+            loss_module=getattr(self, "wise_iou", None),
         )
         return objectness_loss, box_loss / sampled.numel()
+
+
+def _per_box_sizes(image_sizes, boxes_per_image) -> torch.Tensor:
+    """``[sum N_i, 2]``: each image's (height, width) repeated for its boxes (MPDIoU's normaliser)."""
+    device = boxes_per_image[0].device
+    return torch.cat([torch.tensor(size, dtype=torch.float32, device=device).expand(len(boxes), 2)
+                      for size, boxes in zip(image_sizes, boxes_per_image)])
 
 
 class BoxLossRoIHeads(RoIHeads):
@@ -156,16 +168,17 @@ class BoxLossRoIHeads(RoIHeads):
         loss_weight: multiplies the box loss; None takes :func:`default_box_loss_weight`.
         nms: ``"iou"`` or ``"diou"``: the per-class NMS of the detections.
         nms_beta: DIoU-NMS exponent.
+        box_loss_cfg: options of the box loss (e.g. ``dict(inner_ratio=0.8)``).
     """
 
     def __init__(self, box_roi_pool, box_head, box_predictor, fg_iou_thresh, bg_iou_thresh,
                  batch_size_per_image, positive_fraction, bbox_reg_weights, score_thresh, nms_thresh,
                  detections_per_img, *, box_loss: str = "default", loss_weight=None, nms: str = "iou",
-                 nms_beta: float = 1.0, soft_nms_sigma: float = 0.5):
+                 nms_beta: float = 1.0, soft_nms_sigma: float = 0.5, box_loss_cfg=None):
         super().__init__(box_roi_pool, box_head, box_predictor, fg_iou_thresh, bg_iou_thresh,
                          batch_size_per_image, positive_fraction, bbox_reg_weights, score_thresh,
                          nms_thresh, detections_per_img)
-        set_box_loss(self, "roi", box_loss, loss_weight)
+        set_box_loss(self, "roi", box_loss, loss_weight, box_loss_cfg=box_loss_cfg)
         set_nms(self, nms, nms_beta, soft_nms_sigma)
 
     @classmethod
@@ -206,11 +219,11 @@ class BoxLossRoIHeads(RoIHeads):
                     gt = gt.new_zeros((1, 4))
                 matched_gt_boxes.append(gt[matched])
             loss_classifier, loss_box = self.compute_box_loss(
-                class_logits, box_regression, labels, proposals, matched_gt_boxes
+                class_logits, box_regression, labels, proposals, matched_gt_boxes, image_shapes
             )
         return [], {"loss_classifier": loss_classifier, "loss_box_reg": self.loss_weight * loss_box}
 
-    def compute_box_loss(self, class_logits, box_regression, labels, proposals, matched_gt_boxes):
+    def compute_box_loss(self, class_logits, box_regression, labels, proposals, matched_gt_boxes, image_shapes=None):
         """Classification and box loss of the sampled RoIs.
 
         Args:
@@ -218,6 +231,7 @@ class BoxLossRoIHeads(RoIHeads):
             labels: per image ``[R_i]`` class of each sampled RoI (0 = background).
             proposals, matched_gt_boxes: per image ``[R_i, 4]``: the sampled proposals and the
                 ground-truth box each is matched to.
+            image_shapes: per image its input (height, width): needed by ``mpdiou`` only.
 
         Returns:
             (cross entropy over the sampled RoIs, unweighted box loss): the box loss of the deltas
@@ -227,9 +241,13 @@ class BoxLossRoIHeads(RoIHeads):
         classification_loss = F.cross_entropy(class_logits, labels)
         positive = torch.where(labels > 0)[0]
         deltas = box_regression.reshape(labels.numel(), -1, 4)[positive, labels[positive]]  # [P, 4]
+        image_size = None
+        if self.box_loss in IMAGE_SIZE_LOSSES:
+            image_size = _per_box_sizes(image_shapes, proposals)[positive]
         box_loss = box_regression_loss(
             self.box_loss, deltas, torch.cat(proposals)[positive], torch.cat(matched_gt_boxes)[positive],
-            self.box_coder,
+            self.box_coder, options=self.box_loss_cfg, image_size=image_size,
+            loss_module=getattr(self, "wise_iou", None),
         )
         return classification_loss, box_loss / labels.numel()
 
@@ -274,8 +292,10 @@ class BoxLossFasterRCNN(FasterRCNN):
 
     Args:
         backbone, num_classes, **kwargs: as torchvision's ``FasterRCNN``.
-        box_loss, box_loss_weight: the RoI head's box loss and its weight (None: the default).
-        rpn_box_loss, rpn_box_loss_weight: the RPN's (``"default"``: torchvision's smooth-L1).
+        box_loss, box_loss_weight, box_loss_cfg: the RoI head's box loss, its weight (None: the
+            default) and its options.
+        rpn_box_loss, rpn_box_loss_weight, rpn_box_loss_cfg: the RPN's (``"default"``: torchvision's
+            smooth-L1).
         nms: per-class NMS of the detections, ``"iou"`` or ``"diou"``.
         rpn_nms: per-level NMS of the proposals, ``"iou"`` or ``"diou"``.
         nms_beta: DIoU-NMS exponent for both; soft_nms_sigma: Soft-NMS gaussian width for both.
@@ -283,13 +303,14 @@ class BoxLossFasterRCNN(FasterRCNN):
 
     def __init__(self, backbone, num_classes=None, *, box_loss: str = "default", box_loss_weight=None,
                  rpn_box_loss: str = "default", rpn_box_loss_weight=None, nms: str = "iou",
-                 rpn_nms: str = "iou", nms_beta: float = 1.0, soft_nms_sigma: float = 0.5, **kwargs):
+                 rpn_nms: str = "iou", nms_beta: float = 1.0, soft_nms_sigma: float = 0.5, box_loss_cfg=None,
+                 rpn_box_loss_cfg=None, **kwargs):
         super().__init__(backbone, num_classes, **kwargs)
         self.rpn = BoxLossRegionProposalNetwork.from_torchvision(
             self.rpn, box_loss=rpn_box_loss, loss_weight=rpn_box_loss_weight, nms=rpn_nms, nms_beta=nms_beta,
-            soft_nms_sigma=soft_nms_sigma,
+            soft_nms_sigma=soft_nms_sigma, box_loss_cfg=rpn_box_loss_cfg,
         )
         self.roi_heads = BoxLossRoIHeads.from_torchvision(
             self.roi_heads, box_loss=box_loss, loss_weight=box_loss_weight, nms=nms, nms_beta=nms_beta,
-            soft_nms_sigma=soft_nms_sigma,
+            soft_nms_sigma=soft_nms_sigma, box_loss_cfg=box_loss_cfg,
         )

@@ -42,8 +42,9 @@ ARCHS = ("retinanet", "faster_rcnn")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large")
 
 # Options build_detector consumes itself; everything else goes to torchvision's model class.
-_RPN_OPTIONS = ("rpn_box_loss", "rpn_box_loss_weight", "rpn_nms")
-_COMMON_OPTIONS = ("arch", "num_classes", "backbone", "box_loss", "box_loss_weight", "nms", "nms_beta", "soft_nms_sigma", "weights",
+_RPN_OPTIONS = ("rpn_box_loss", "rpn_box_loss_weight", "rpn_box_loss_cfg", "rpn_nms")
+_COMMON_OPTIONS = ("arch", "num_classes", "backbone", "box_loss", "box_loss_weight", "box_loss_cfg", "nms", "nms_beta",
+                   "soft_nms_sigma", "weights",
                    "weights_backbone", "allow_partial_weights", "progress", "trainable_backbone_layers",
                    "norm_layer", "fpn_channels", "returned_layers", "anchor_sizes", "aspect_ratios")
 _OWN_OPTIONS = {
@@ -74,6 +75,7 @@ def build_detector(
     backbone: str = "resnet50",
     box_loss: str = "default",
     box_loss_weight: float | None = None,
+    box_loss_cfg: dict | None = None,
     nms: str = "iou",
     nms_beta: float = 1.0,
     soft_nms_sigma: float = 0.5,
@@ -106,6 +108,8 @@ def build_detector(
     default, l1, l2, smooth_l1  1          1                      1
     iou, giou, diou             2          10                     2
     ciou                        2          12                     2
+    eiou, siou, alpha_iou,      2          10                     2
+    wise_iou, mpdiou
     ==========================  =========  =====================  ==================
 
     IoU-family losses pull on the deltas less than L-norm losses, by a factor the box coder sets
@@ -119,9 +123,16 @@ def build_detector(
         backbone: ``"resnet18"``, ``"resnet34"``, ``"resnet50"`` or ``"mobilenet_v3_large"``, each
             with an FPN as torchvision builds it (RetinaNet: P3-P7; Faster R-CNN: ResNet P2-P6,
             MobileNetV3 two levels + pool).
-        box_loss: ``"default"``, ``"l1"``, ``"l2"``, ``"smooth_l1"``, ``"iou"``, ``"giou"``,
-            ``"diou"`` or ``"ciou"``: RetinaNet's regression head or Faster R-CNN's RoI box head.
+        box_loss: ``"default"`` or a name of :data:`boxloss.LOSS_NAMES` (``"l1"``, ``"l2"``,
+            ``"smooth_l1"``, ``"iou"``, ``"giou"``, ``"diou"``, ``"ciou"``, ``"eiou"``, ``"siou"``,
+            ``"alpha_iou"``, ``"wise_iou"``, ``"mpdiou"``): RetinaNet's regression head or Faster
+            R-CNN's RoI box head. ``mpdiou`` is normalised by the input size of each image;
+            ``wise_iou`` keeps its running mean in the model's state dict.
         box_loss_weight: multiplies that loss; None takes the table above.
+        box_loss_cfg: options of that loss as a dict, e.g. ``dict(inner_ratio=0.8)`` (Inner-IoU),
+            ``dict(focaler=(0.0, 0.95))``, ``dict(alpha=3.0, kind="ciou")``, ``dict(version=3,
+            momentum=0.01)`` (``wise_iou``: :class:`boxloss.WiseIoULoss`); unknown keys and bad
+            values are an :class:`~detectors.errors.OptionError` naming them.
         nms: the per-class NMS of the detections, one of :data:`detectors.nms.NMS_NAMES`:
             ``"iou"`` (torchvision's), ``"diou"`` (:func:`boxloss.batched_diou_nms`), ``"soft"``
             and ``"soft-diou"`` (gaussian Soft-NMS with the IoU or DIoU overlap), ``"weighted"``
@@ -160,8 +171,8 @@ def build_detector(
             * ``anchor_sizes``: one tuple of sizes per feature level (or one size per level), and
               ``aspect_ratios`` (default ``(0.5, 1.0, 2.0)``) for every level.
             * ``rpn_box_loss`` (default ``"default"``: torchvision's smooth-L1),
-              ``rpn_box_loss_weight``, ``rpn_nms`` (any NMS name, for the proposals):
-              Faster R-CNN only.
+              ``rpn_box_loss_weight``, ``rpn_box_loss_cfg``, ``rpn_nms`` (any NMS name, for the
+              proposals): Faster R-CNN only.
             * ``progress``: show download progress of torchvision weights.
 
             Every other keyword goes to torchvision's ``RetinaNet`` / ``FasterRCNN`` (``min_size``,
@@ -247,7 +258,7 @@ def build_detector(
         head_norm = None if head_norm_groups is None else functools.partial(nn.GroupNorm, head_norm_groups)
         head = BoxLossRetinaNetHead(
             fpn.out_channels, anchor_generator.num_anchors_per_location()[0], num_classes, norm_layer=head_norm,
-            box_loss=box_loss, box_loss_weight=box_loss_weight,
+            box_loss=box_loss, box_loss_weight=box_loss_weight, box_loss_cfg=box_loss_cfg,
         )
         model = BoxLossRetinaNet(
             fpn, num_classes, anchor_generator=anchor_generator, head=head, nms=nms, nms_beta=nms_beta,
@@ -258,8 +269,8 @@ def build_detector(
         if backbone == "mobilenet_v3_large":
             kwargs.setdefault("rpn_score_thresh", 0.05)  # as torchvision's fasterrcnn_mobilenet_v3_large_fpn
         model = BoxLossFasterRCNN(
-            fpn, num_classes, box_loss=box_loss, box_loss_weight=box_loss_weight, nms=nms, nms_beta=nms_beta,
-            soft_nms_sigma=soft_nms_sigma,
+            fpn, num_classes, box_loss=box_loss, box_loss_weight=box_loss_weight, box_loss_cfg=box_loss_cfg,
+            nms=nms, nms_beta=nms_beta, soft_nms_sigma=soft_nms_sigma,
             **kwargs,
         )
 

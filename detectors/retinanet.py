@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.models.detection.retinanet import (
     RetinaNet,
     RetinaNetClassificationHead,
@@ -23,9 +24,10 @@ import boxloss
 
 from .losses import box_regression_loss
 from .nms import select
-from .options import set_box_loss, set_nms
+from .options import IMAGE_SIZE_LOSSES, set_box_loss, set_nms
 
-__all__ = ["FocalClassificationHead", "BoxLossRegressionHead", "BoxLossRetinaNetHead", "BoxLossRetinaNet"]
+__all__ = ["FocalClassificationHead", "BoxLossRegressionHead", "BoxLossRetinaNetHead", "BoxLossRetinaNet",
+           "ImageSizeTransform"]
 
 
 class FocalClassificationHead(RetinaNetClassificationHead):
@@ -75,11 +77,15 @@ class BoxLossRegressionHead(RetinaNetRegressionHead):
         in_channels, num_anchors, norm_layer: as torchvision's ``RetinaNetRegressionHead``.
         box_loss: a name of :data:`BOX_LOSSES`; ``"default"`` is torchvision's L1 on the deltas.
         loss_weight: multiplies the loss; None takes :func:`default_box_loss_weight`.
+        box_loss_cfg: options of the loss (e.g. ``dict(inner_ratio=0.8)``), checked by
+            :func:`~detectors.options.check_box_loss_cfg`. ``mpdiou`` reads each image's input size
+            from its target's ``"image_size"`` (set by :class:`BoxLossRetinaNet`'s transform).
     """
 
-    def __init__(self, in_channels, num_anchors, norm_layer=None, *, box_loss: str = "default", loss_weight=None):
+    def __init__(self, in_channels, num_anchors, norm_layer=None, *, box_loss: str = "default", loss_weight=None,
+                 box_loss_cfg=None):
         super().__init__(in_channels, num_anchors, norm_layer=norm_layer)
-        set_box_loss(self, "retinanet", box_loss, loss_weight)
+        set_box_loss(self, "retinanet", box_loss, loss_weight, box_loss_cfg=box_loss_cfg)
 
     # adapted from torchvision 0.29, RetinaNetRegressionHead.compute_loss (the loss by name)
     def compute_loss(self, targets, head_outputs, anchors, matched_idxs):
@@ -90,12 +96,18 @@ class BoxLossRegressionHead(RetinaNetRegressionHead):
             targets, head_outputs["bbox_regression"], anchors, matched_idxs
         ):
             foreground = torch.where(matched >= 0)[0]
+            image_size = None
+            if self.box_loss in IMAGE_SIZE_LOSSES:
+                image_size = targets_per_image["image_size"].expand(foreground.numel(), 2)
             loss = box_regression_loss(
                 self.box_loss,
                 deltas[foreground],
                 anchors_per_image[foreground],
                 targets_per_image["boxes"][matched[foreground]],
                 self.box_coder,
+                options=self.box_loss_cfg,
+                image_size=image_size,
+                loss_module=getattr(self, "wise_iou", None),
             )
             losses.append(loss / max(1, foreground.numel()))
         return self.loss_weight * sum(losses) / max(1, len(targets))
@@ -105,18 +117,39 @@ class BoxLossRetinaNetHead(RetinaNetHead):
     """RetinaNet head made of :class:`FocalClassificationHead` and :class:`BoxLossRegressionHead`.
 
     Builds the two sub-heads in torchvision's order, so a seeded build initialises them as
-    torchvision's ``RetinaNetHead`` does. Args as that class, plus ``box_loss`` and
-    ``box_loss_weight`` for the regression head.
+    torchvision's ``RetinaNetHead`` does. Args as that class, plus ``box_loss``, ``box_loss_weight``
+    and ``box_loss_cfg`` for the regression head.
     """
 
     def __init__(self, in_channels, num_anchors, num_classes, norm_layer=None, *,
-                 box_loss: str = "default", box_loss_weight=None):
+                 box_loss: str = "default", box_loss_weight=None, box_loss_cfg=None):
         # RetinaNetHead.__init__ would build torchvision's sub-heads only for us to replace them
         nn.Module.__init__(self)
         self.classification_head = FocalClassificationHead(in_channels, num_anchors, num_classes, norm_layer=norm_layer)
         self.regression_head = BoxLossRegressionHead(
-            in_channels, num_anchors, norm_layer=norm_layer, box_loss=box_loss, loss_weight=box_loss_weight
+            in_channels, num_anchors, norm_layer=norm_layer, box_loss=box_loss, loss_weight=box_loss_weight,
+            box_loss_cfg=box_loss_cfg,
         )
+
+
+class ImageSizeTransform(GeneralizedRCNNTransform):
+    """torchvision's transform that also puts each image's input size (after resizing, before
+    padding) into its target as ``"image_size"``, ``[2]`` (height, width): MPDIoU's normaliser, which
+    RetinaNet's loss would not see otherwise. Images, boxes and everything else are unchanged (the
+    targets are torchvision's copies, never the caller's dicts)."""
+
+    @classmethod
+    def from_transform(cls, t: GeneralizedRCNNTransform) -> "ImageSizeTransform":
+        return cls(t.min_size, t.max_size, t.image_mean, t.image_std, size_divisible=t.size_divisible,
+                   fixed_size=t.fixed_size, _skip_resize=t._skip_resize)
+
+    def forward(self, images, targets=None):
+        image_list, targets = super().forward(images, targets)
+        if targets is not None:
+            for target, (height, width) in zip(targets, image_list.image_sizes):
+                target["image_size"] = torch.tensor([height, width], dtype=torch.float32,
+                                                    device=target["boxes"].device)
+        return image_list, targets
 
 
 class BoxLossRetinaNet(RetinaNet):
@@ -137,6 +170,8 @@ class BoxLossRetinaNet(RetinaNet):
                  **kwargs):
         super().__init__(backbone, num_classes, **kwargs)
         set_nms(self, nms, nms_beta, soft_nms_sigma)
+        if getattr(self.head.regression_head, "box_loss", None) in IMAGE_SIZE_LOSSES:
+            self.transform = ImageSizeTransform.from_transform(self.transform)
 
     def compute_loss(self, targets, head_outputs, anchors):
         losses = super().compute_loss(targets, head_outputs, anchors)
