@@ -7,7 +7,9 @@ plain-autograd formulation ``boxloss.boxes._iou_family(..., pairwise=False)`` (t
 losses, with widths/heights clamped at 0 for degenerate boxes), including the tie semantics of
 ``torch.max``/``torch.min`` and the subgradients of the clamps, to rounding.
 
-Two backends compute the same per-pair formulas, op for op (see :func:`resolve_backend`):
+Three backends compute the same per-pair formulas, op for op (see :func:`resolve_backend`); while
+compiling (torch.compile, torch.export) and on fake tensors the call goes through the custom ops of
+``boxloss._ops``, which run the same backends:
 
 * **native** (the CPU default): ``boxloss._native``, plain C compiled by ``pip install`` (setup.py;
   no PyTorch headers, about a second to build). Blocks of 256 pairs are transposed into coordinate
@@ -26,7 +28,7 @@ Two backends compute the same per-pair formulas, op for op (see :func:`resolve_b
   rows (x1, y1, x2, y2) per box, so every later op runs on contiguous rows and handles x and y
   together (``[2, c]`` or ``[2, 2, c]`` blocks): about 40 ops per chunk for GIoU, 55 for CIoU,
   loss and gradient together. The workspace (48 rows, reused as values die: 25 MB) is allocated
-  once per thread and kept, and every view of it is built once: a view costs about as much
+  once per thread, device and dtype (and CUDA stream) and kept, and every view of it is built once: a view costs about as much
   Python as an op on a few thousand numbers. A short input is padded to a multiple of 1024
   pairs, so its views come from a small set too.
 * **Six saved numbers per pair.** The IoU family is translation invariant, so per axis the four
