@@ -1,0 +1,26 @@
+"""Fixtures shared by tests/boxloss and tests/detectors."""
+
+import pytest
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Fake CUDA tensors, without a GPU or a driver, for the duration of the test.
+
+    Inside, ``torch.empty(..., device="cuda")`` makes a tensor that has a shape, a dtype and a
+    device but no data: every op computes only its output's metadata, so a CUDA code path runs
+    end to end and mixing devices raises ``FakeTensorDeviceMismatchError`` as a GPU would.
+    With a ``ShapeEnv``, an op whose output size depends on the data (``nonzero``, boolean masks)
+    gets a symbolic size and goes on. What it cannot do: decide anything from a value (``if
+    t.any()``, ``int(t)``, ``max(1, mask.nonzero().numel())``: ``GuardOnDataDependentSymNode`` or
+    ``DataDependentOutputException``). Values are never checked here; the CPU tests do that.
+
+    ``BOXLOSS_KERNEL=eager``: the eager kernel is made of torch ops, which fake tensors run; a
+    compiled or Triton kernel reads memory that fake tensors do not have.
+    """
+    monkeypatch.setenv("BOXLOSS_KERNEL", "eager")
+    with FakeTensorMode(shape_env=ShapeEnv()) as mode:
+        yield mode
+
