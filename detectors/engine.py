@@ -281,18 +281,19 @@ class DetectionImagesHook(Hook):
     hands them to the visualizer's backends (TensorBoard's Images tab, ``detections/<image id>``,
     one step per epoch; the local backend writes them as PNGs under ``vis_data/vis_image``).
 
-    Ground truth is drawn white, detections scoring at least ``score_thr`` in their class colour with
-    "class score". Rank 0 only; the model is put back in the mode it was in.
+    Drawn as ``tools/visualize.py`` draws (:func:`detectors.drawing.render`), the longer side scaled to
+    ``size`` pixels. Rank 0 only; the model is put back in the mode it was in.
     """
 
     priority = "LOW"
 
-    def __init__(self, num_images: int = 4, score_thr: float = 0.3):
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-            raise OptionError(f"DetectionImagesHook num_images must be an integer >= 1, got {num_images!r}")
+    def __init__(self, num_images: int = 4, score_thr: float = 0.3, size: int = 512):
+        for name, value in (("num_images", num_images), ("size", size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise OptionError(f"DetectionImagesHook {name} must be an integer >= 1, got {value!r}")
         if not 0.0 <= float(score_thr) <= 1.0:
             raise OptionError(f"DetectionImagesHook score_thr must be in [0, 1], got {score_thr!r}")
-        self.num_images, self.score_thr = num_images, float(score_thr)
+        self.num_images, self.score_thr, self.size = num_images, float(score_thr), size
 
     def after_val_epoch(self, runner, metrics=None) -> None:
         if runner.rank != 0:
@@ -312,31 +313,21 @@ class DetectionImagesHook(Hook):
                                         self.draw(dataset, target["image_id"], result), step=runner.epoch)
 
     def draw(self, dataset, image_id: int, result: dict) -> np.ndarray:
-        """The original image with ground truth and detections drawn, ``[H, W, 3]`` uint8 RGB."""
-        from PIL import Image
-        from torchvision.utils import draw_bounding_boxes
+        """The image, its longer side scaled to ``size``, with ground truth (dashed) and detections
+        scoring at least ``score_thr`` (solid, "class score") drawn as ``tools/visualize.py`` draws
+        them: ``[H, W, 3]`` uint8 RGB."""
+        from .drawing import class_colours, render
+        from .evaluation import image_arrays
 
-        info = dataset.coco.imgs[image_id]
-        with Image.open(os.path.join(dataset.img_dir, info["file_name"])) as im:
-            image = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
-        gt = [a["bbox"] for a in dataset.coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
-        if gt:
-            boxes = torch.tensor(gt, dtype=torch.float32).reshape(-1, 4)
-            boxes[:, 2:] += boxes[:, :2]  # COCO's xywh -> xyxy
-            image = draw_bounding_boxes(image, boxes, colors="white", width=1)
-        keep = result["scores"] >= self.score_thr
-        if keep.any():
-            labels = result["labels"][keep].tolist()
-            names = [f"{dataset.classes[k - 1]} {s:.2f}" for k, s in zip(labels, result["scores"][keep].tolist())]
-            colours = [_CLASS_COLOURS[(k - 1) % len(_CLASS_COLOURS)] for k in labels]
-            image = draw_bounding_boxes(image, result["boxes"][keep].float().cpu(), labels=names, colors=colours,
-                                        width=2)
-        return image.permute(1, 2, 0).numpy()
-
-
-# matplotlib's tab10, as tools/visualize.py colours classes
-_CLASS_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-                  "#bcbd22", "#17becf")
+        keep = (result["scores"] >= self.score_thr).cpu()
+        cat_ids = list(dataset.cat_ids)
+        dets = (result["boxes"].cpu()[keep].double().numpy(), result["scores"].cpu()[keep].double().numpy(),
+                np.asarray([cat_ids[k - 1] for k in result["labels"].cpu()[keep].tolist()], dtype=np.int64))
+        names = {c: dataset.coco.cats[c]["name"] for c in cat_ids}
+        image, _ = render(os.path.join(dataset.img_dir, dataset.coco.imgs[image_id]["file_name"]),
+                          image_arrays(dataset.coco, image_id), dets, names=names, colours=class_colours(cat_ids),
+                          size=self.size)
+        return np.asarray(image)
 
 
 def apply_tensorboard(cfg) -> None:

@@ -34,127 +34,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import load_config, removed_on_failure, run_tool  # noqa: E402  (also puts the repo root on sys.path)
 
+from detectors.drawing import ERROR_STYLE, class_colours, dashed_rectangle, font, render, text_size  # noqa: E402
 from detectors.errors import DataError, OptionError  # noqa: E402
-
-# tab10: distinct, and readable with black or white text
-PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
-ERROR_STYLE = {  # kind: (colour, legend text)
-    "tp": ((0, 200, 60), "true positive"),
-    "duplicate": ((255, 160, 0), "duplicate"),
-    "wrong_class": ((230, 0, 230), "wrong class"),
-    "background": ((235, 30, 30), "background"),
-    "crowd": ((170, 170, 170), "in a crowd region (ignored)"),
-    "missed": ((0, 170, 255), "missed ground truth"),
-}
-SHORT = {"tp": "TP", "duplicate": "dup", "wrong_class": "wrong", "background": "bg", "crowd": "crowd"}
-
-
-# --------------------------------------------------------------------------- drawing
-
-
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType: a scalable font
-    except (TypeError, OSError, ImportError):
-        return ImageFont.load_default()
-
-
-def _ink(colour) -> tuple[int, int, int]:
-    """Black or white, whichever reads better on ``colour``."""
-    r, g, b = colour
-    return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 140 else (255, 255, 255)
-
-
-def _dashed_rectangle(draw, box, colour, width: int, dash: float = 9, gap: float = 6) -> None:
-    x1, y1, x2, y2 = box
-    for ax, ay, bx, by in ((x1, y1, x2, y1), (x2, y1, x2, y2), (x2, y2, x1, y2), (x1, y2, x1, y1)):
-        length = math.hypot(bx - ax, by - ay)
-        t = 0.0
-        while t < length:
-            t2 = min(t + dash, length)
-            draw.line([(ax + (bx - ax) * t / length, ay + (by - ay) * t / length),
-                       (ax + (bx - ax) * t2 / length, ay + (by - ay) * t2 / length)], fill=colour, width=width)
-            t += dash + gap
-
-
-def _text_size(draw, text: str, font) -> tuple[int, int, int, int]:
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    return left, top, right - left, bottom - top
-
-
-def _place_labels(draw, labels: list, font, image_size) -> None:
-    """Draw filled tags ``(x, y, text, colour, above)`` at a box corner, in the given order (most
-    important first), each moved down past the tags already placed that it would cover."""
-    placed = []
-    pad = 2
-    W, H = image_size
-    for x, y, text, colour, above in labels:
-        left, top, w, h = _text_size(draw, text, font)
-        w, h = w + 2 * pad, h + 2 * pad
-        x = min(max(0, x), max(0, W - w))
-        y = (y - h if y - h >= 0 else y) if above else min(y, H - h)
-        for _ in range(12):  # a few tries; past them, overlap rather than wander off
-            hit = next((r for r in placed if x < r[2] and r[0] < x + w and y < r[3] and r[1] < y + h), None)
-            if hit is None:
-                break
-            y = hit[3] if hit[3] + h <= H else max(0, hit[1] - h)
-        placed.append((x, y, x + w, y + h))
-        draw.rectangle([x, y, x + w, y + h], fill=colour)
-        draw.text((x + pad - left, y + pad - top), text, fill=_ink(colour), font=font)
-
-
-def draw_image(image, gt, dets, *, names: dict, colours: dict, scale: float, font, match=None):
-    """Draw on ``image`` (already resized by ``scale``): ground truth dashed, detections solid.
-
-    ``gt = (boxes [G, 4] xyxy, category ids [G], crowd [G])`` and ``dets = (boxes, scores, category
-    ids)`` in original pixels; ``match`` (a :class:`~detectors.evaluation.ImageMatch` of these
-    detections) colours them by kind instead of by class. Returns the legend items used:
-    ``{key: [colour, text, dashed, count]}`` (per-image counts of boxes or detections).
-    """
-    from PIL import ImageDraw
-
-    draw = ImageDraw.Draw(image)
-    width = max(2, round(font.size / 6)) if hasattr(font, "size") else 2
-    legend: dict = {}
-    gt_tags, det_tags = [], []  # drawn after every box, so no box hides a tag
-    gt_boxes, gt_cats, gt_crowd = gt
-    for g, (box, cat) in enumerate(zip(gt_boxes * scale, gt_cats)):
-        if match is None:
-            colour, text = colours[cat], names[cat]
-            legend.setdefault(("class", cat), [colour, names[cat], False, 0])[3] += 1
-        elif gt_crowd[g]:
-            colour, text = ERROR_STYLE["crowd"][0], f"crowd: {names[cat]}"
-        elif match.gt_matched[g]:
-            colour, text = (235, 235, 235), None  # found: a light outline, the detection carries the tag
-        else:
-            colour, text = ERROR_STYLE["missed"][0], f"missed: {names[cat]}"
-            legend.setdefault("missed", [colour, ERROR_STYLE["missed"][1], True, 0])[3] += 1
-        _dashed_rectangle(draw, box.tolist(), colour, max(1, width - 1) if text is None else width)
-        if text is not None:
-            gt_tags.append((box[0], box[3], text, colour, False))
-    det_boxes, scores, det_cats = dets
-    for d in sorted(range(len(scores)), key=lambda i: scores[i]):  # the best detections on top
-        box, cat = det_boxes[d] * scale, det_cats[d]
-        text = f"{names[cat]} {scores[d]:.2f}"
-        if match is None:
-            colour = colours[cat]
-            legend.setdefault(("class", cat), [colour, names[cat], False, 0])
-        else:
-            kind = match.kinds[d]
-            colour = ERROR_STYLE[kind][0]
-            if kind == "wrong_class":
-                text += f" (is {names[gt_cats[match.det_gt[d]]]})"
-            text = f"{SHORT[kind]}: {text}"
-            legend.setdefault(kind, [colour, ERROR_STYLE[kind][1], False, 0])[3] += 1
-        draw.rectangle(box.tolist(), outline=colour, width=width)
-        det_tags.append((box[0], box[1], text, colour, True))
-    # the best detections' tags first, then the lower ones, then the ground truth's
-    _place_labels(draw, det_tags[::-1] + gt_tags, font, image.size)
-    return legend
-
 
 def _legend_strip(items: dict, width: int, font, *, footer: str, error_mode: bool):
     """Rows of coloured swatches with their text (and counts), wrapped to ``width``, then ``footer``."""
@@ -165,7 +46,7 @@ def _legend_strip(items: dict, width: int, font, *, footer: str, error_mode: boo
                  for k in ("tp", "duplicate", "wrong_class", "background", "missed", "crowd") if k != "crowd" or k in items}
     keys = list(items) if error_mode else sorted(items, key=lambda k: items[k][1])
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    _, _, _, line_h = _text_size(probe, "Ag", font)
+    _, _, _, line_h = text_size(probe, "Ag", font)
     sw, pad = line_h + 2, 8
     entries = []
     for k in keys:
@@ -173,7 +54,7 @@ def _legend_strip(items: dict, width: int, font, *, footer: str, error_mode: boo
         entries.append((colour, f"{text} ({count})" if error_mode else text, dashed))
     rows, row, x = [], [], pad
     for colour, text, dashed in entries:
-        w = sw + 4 + _text_size(probe, text, font)[2] + 2 * pad
+        w = sw + 4 + text_size(probe, text, font)[2] + 2 * pad
         if row and x + w > width:
             rows.append(row)
             row, x = [], pad
@@ -190,14 +71,14 @@ def _legend_strip(items: dict, width: int, font, *, footer: str, error_mode: boo
         for colour, text, dashed, x in row:
             box = [x, y, x + sw, y + line_h]
             if dashed:
-                _dashed_rectangle(draw, box, colour, 2, dash=4, gap=3)
+                dashed_rectangle(draw, box, colour, 2, dash=4, gap=3)
             else:
                 draw.rectangle(box, fill=colour)
-            left, top, _, _ = _text_size(draw, text, font)
+            left, top, _, _ = text_size(draw, text, font)
             draw.text((x + sw + 4 - left, y - top), text, fill=(0, 0, 0), font=font)
         y += line_h + pad
     for line in footer_lines:
-        left, top, _, _ = _text_size(draw, line, font)
+        left, top, _, _ = text_size(draw, line, font)
         draw.text((pad - left, y - top), line, fill=(70, 70, 70), font=font)
         y += line_h + pad
     return strip
@@ -207,7 +88,7 @@ def _wrap(draw, text: str, font, width: int) -> list[str]:
     lines, line = [], ""
     for word in text.split(" "):
         trial = f"{line} {word}" if line else word
-        if line and _text_size(draw, trial, font)[2] > width:
+        if line and text_size(draw, trial, font)[2] > width:
             lines.append(line)
             line = word
         else:
@@ -219,7 +100,7 @@ def _with_caption(image, caption: str, font):
     from PIL import Image, ImageDraw
 
     probe = ImageDraw.Draw(image)
-    left, top, _, h = _text_size(probe, caption, font)
+    left, top, _, h = text_size(probe, caption, font)
     out = Image.new("RGB", (image.width, image.height + h + 8), (255, 255, 255))
     out.paste(image, (0, h + 8))
     ImageDraw.Draw(out).text((4 - left, 4 - top), caption, fill=(0, 0, 0), font=font)
@@ -365,7 +246,6 @@ def main(argv=None):
     error_mode = args.errors or args.worst is not None
 
     import numpy as np
-    from PIL import Image
 
     from detectors.data import CocoDetection
     from detectors.evaluation import detection_arrays, image_arrays, match_image
@@ -374,7 +254,7 @@ def main(argv=None):
     dataset = CocoDetection(args.gt, args.image_dir)  # validates the file, and that every image exists
     coco = dataset.coco
     names = {c: coco.cats[c]["name"] for c in dataset.cat_ids}
-    colours = {c: PALETTE[i % len(PALETTE)] for i, c in enumerate(dataset.cat_ids)}
+    colours = class_colours(dataset.cat_ids)
     image_ids = list(dataset.ids)
     if not image_ids:
         raise DataError(f"{args.gt} has no images")
@@ -406,22 +286,16 @@ def main(argv=None):
     else:
         selected = candidates
 
-    font = _font(max(11, args.size // 30))
-    small = _font(max(10, args.size // 36))
+    tag_font, small = font(max(11, args.size // 30)), font(max(10, args.size // 36))
     panels, legends, written = [], [], []
     with removed_on_failure(args.out):
         os.makedirs(args.out, exist_ok=True)
         for image_id in selected:
             info = coco.imgs[image_id]
-            with Image.open(os.path.join(args.image_dir, info["file_name"])) as im:
-                image = im.convert("RGB")
-            scale = args.size / max(image.size)
-            # enlarged: the pixels the model saw, as blocks (and PNGs a fifth the size); shrunk: smoothly
-            image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                                 Image.NEAREST if scale > 1 else Image.LANCZOS)
             match = matches.get(image_id)
-            legend = draw_image(image, image_arrays(coco, image_id), by_image.get(image_id, empty), names=names,
-                                colours=colours, scale=scale, font=font, match=match)
+            image, legend = render(os.path.join(args.image_dir, info["file_name"]), image_arrays(coco, image_id),
+                                   by_image.get(image_id, empty), names=names, colours=colours, size=args.size,
+                                   match=match)
             caption = f"{info['file_name']} (id {image_id})"
             if match is not None:
                 caption += f": {match.num_errors} error{'' if match.num_errors == 1 else 's'}"
@@ -439,7 +313,7 @@ def main(argv=None):
         if args.mosaic and panels:
             cols = args.cols or math.ceil(math.sqrt(len(panels)))
             grid = _mosaic(panels, max(1, min(cols, len(panels))))
-            strip = _legend_strip(_merge_legends(legends), grid.width, font, footer=_footer(args, error_mode),
+            strip = _legend_strip(_merge_legends(legends), grid.width, tag_font, footer=_footer(args, error_mode),
                                   error_mode=error_mode)
             out = _stack(grid, strip)
             path = os.path.join(args.out, "mosaic.png")

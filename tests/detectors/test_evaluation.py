@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -370,27 +371,29 @@ def test_tensorboard_option_checks_its_keys_and_names_the_extra(monkeypatch):
 
 
 def test_detection_images_hook_draws_ground_truth_and_detections_where_they_are(tmp_path):
-    """A 64x64 black image, one ground-truth box and one detection: white pixels on the ground truth's
-    edge, the class colour on the detection's edge, nothing drawn for a detection under score_thr."""
-    from types import SimpleNamespace
-
+    """A black 128x128 image, one ground-truth box and two detections: the detection above score_thr
+    is a solid rectangle in its class colour, the ground truth a dashed one in its class colour, the
+    detection below score_thr is not drawn."""
     import torch
     from PIL import Image
 
-    from detectors.engine import _CLASS_COLOURS, DetectionImagesHook
+    from detectors.drawing import PALETTE
+    from detectors.engine import DetectionImagesHook
 
-    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "a.png")
-    coco = SimpleNamespace(imgs={7: {"file_name": "a.png"}},
-                           imgToAnns={7: [{"bbox": [10, 12, 20, 30], "iscrowd": 0}]})
-    dataset = SimpleNamespace(coco=coco, img_dir=str(tmp_path), classes=("circle", "square"))
-    result = {"boxes": torch.tensor([[40.0, 5.0, 60.0, 25.0], [0.0, 40.0, 30.0, 60.0]]),
+    Image.fromarray(np.zeros((128, 128, 3), np.uint8)).save(tmp_path / "a.png")
+    coco = SimpleNamespace(imgs={7: {"file_name": "a.png"}}, cats={3: {"name": "circle"}, 9: {"name": "square"}},
+                           imgToAnns={7: [{"bbox": [10, 20, 40, 60], "category_id": 3, "iscrowd": 0}]})
+    dataset = SimpleNamespace(coco=coco, img_dir=str(tmp_path), cat_ids=[3, 9])
+    result = {"boxes": torch.tensor([[70.0, 60.0, 120.0, 110.0], [5.0, 100.0, 40.0, 125.0]]),
               "scores": torch.tensor([0.9, 0.1]), "labels": torch.tensor([2, 1])}
-    image = DetectionImagesHook(num_images=1, score_thr=0.3).draw(dataset, 7, result)
-    assert image.shape == (64, 64, 3) and image.dtype == np.uint8
-    assert (image[12, 10:31] == 255).all() and (image[12:43, 10] == 255).all()  # the xywh box, as xyxy
-    colour = tuple(int(_CLASS_COLOURS[1][i:i + 2], 16) for i in (1, 3, 5))  # label 2 = the second class
-    assert tuple(image[25, 50]) == colour and tuple(image[15, 40]) == colour  # bottom and left edges
-    assert not image[50:60, 2:28].any()  # the 0.1 detection is not drawn, and nothing else is
+    image = DetectionImagesHook(num_images=1, score_thr=0.3, size=128).draw(dataset, 7, result)
+    assert image.shape == (128, 128, 3) and image.dtype == np.uint8
+    square, circle = PALETTE[1], PALETTE[0]  # labels 1, 2 are the sorted category ids 3, 9
+    bottom = image[110, 72:118]  # the detection's bottom edge, away from its tag (above its top edge)
+    assert all(tuple(p) == square for p in bottom)
+    left = [tuple(p) for p in image[22:78, 10]]  # the ground truth's left edge (xywh 10, 20, 40, 60)
+    assert left.count(circle) > len(left) // 3 and left.count((0, 0, 0)) > 5  # dashed
+    assert not image[104:124, 8:38].any()  # the 0.1 detection is not drawn
 
 
 @pytest.mark.slow
@@ -410,7 +413,7 @@ def test_tensorboard_flag_logs_metrics_and_detection_images(tmp_path):
     assert "coco/bbox_mAP" in acc.Tags()["scalars"] and "loss" in acc.Tags()["scalars"]
     images = [t for t in acc.Tags()["images"] if t.startswith("detections/")]
     assert len(images) == 4  # the tiny config's 4 validation images
-    assert all(acc.Images(t)[0].width == 64 for t in images)
+    assert all(acc.Images(t)[0].width == 512 for t in images)  # 64-px images drawn at the default size
 
 
 # --------------------------------------------------------------------------- the fast backend

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from detectors import drawing
 from detectors.errors import CheckpointError, DataNotFoundError, OptionError
 from detectors.evaluation import match_image
 from detectors.fileio import default_file_mode
@@ -117,17 +118,17 @@ def test_draw_image_uses_the_error_colours():
     dets = (np.array([_xyxy(b) for _, b, _ in kept], float), np.array([s for _, _, s in kept]),
             np.array([CATS[c] for c, _, _ in kept]))
     m = match_image(gt[0], gt[1], dets[0], dets[1], dets[2])
-    legend = visualize.draw_image(image, gt, dets, names={1: "one", 2: "two"}, colours={1: (0, 0, 255), 2: (255, 255, 0)},
-                                  scale=1.0, font=visualize._font(12), match=m)
+    legend = drawing.draw_image(image, gt, dets, names={1: "one", 2: "two"}, colours={1: (0, 0, 255), 2: (255, 255, 0)},
+                                  scale=1.0, font=drawing.font(12), match=m)
     assert {k: v[3] for k, v in legend.items()} == {"tp": 1, "duplicate": 1, "wrong_class": 1, "background": 1, "missed": 1}
     pixels = np.asarray(image).reshape(-1, 3)
     for kind in ("tp", "duplicate", "wrong_class", "background", "missed"):
-        assert (pixels == visualize.ERROR_STYLE[kind][0]).all(axis=1).sum() > 50, kind
-    assert not (pixels == visualize.ERROR_STYLE["crowd"][0]).all(axis=1).any()
+        assert (pixels == drawing.ERROR_STYLE[kind][0]).all(axis=1).sum() > 50, kind
+    assert not (pixels == drawing.ERROR_STYLE["crowd"][0]).all(axis=1).any()
     # without a match: one colour per class
     image = Image.new("RGB", (200, 200), BACKGROUND)
-    legend = visualize.draw_image(image, gt, dets, names={1: "one", 2: "two"}, colours={1: (0, 0, 255), 2: (255, 255, 0)},
-                                  scale=1.0, font=visualize._font(12))
+    legend = drawing.draw_image(image, gt, dets, names={1: "one", 2: "two"}, colours={1: (0, 0, 255), 2: (255, 255, 0)},
+                                  scale=1.0, font=drawing.font(12))
     assert sorted(v[1] for v in legend.values()) == ["one", "two"]
     pixels = np.asarray(image).reshape(-1, 3)
     assert (pixels == (0, 0, 255)).all(axis=1).sum() > 100 and (pixels == (255, 255, 0)).all(axis=1).sum() > 50
