@@ -23,6 +23,9 @@ recorded in the report with its reason and the next one starts. Steps:
 8. ``detector-steps``: a training step of RetinaNet and Faster R-CNN R50-FPN (weights=None) at
    800 px, batch 2: default loss vs CIoU, and the box loss's share of a CIoU step (the loss calls
    of one step, counted, then timed alone with their sizes, forward+backward).
+9. ``sync-count``: host-device synchronisations of one training step of each architecture with
+   DIoU-NMS (``rpn_nms="diou"`` for Faster R-CNN) and CIoU, counted with
+   ``torch.cuda.set_sync_debug_mode("warn")``, by the line that caused them.
 
 Writes ``OUT/report.md`` (default ``work_dirs/gpu_check``) and, beside it, each step's full output
 (``OUT/<step>.log``). Exit status 0 when every step that ran passed, 1 otherwise.
@@ -49,13 +52,14 @@ TOTAL_BUDGET = 470  # seconds for all steps: 8 minutes with start-up and report 
 # benchmark ~40 s, dominated by torchvision at 1e7 pairs; the simulation ~10 s a mode with plots)
 BUDGETS = {
     "build": 30,
-    "cuda-tests": 130,
-    "bench-losses": 80,
+    "cuda-tests": 120,
+    "bench-losses": 75,
     "bench-nms": 40,
     "simulation-paper": 35,
     "simulation-exact": 35,
-    "amp-epoch": 60,
-    "detector-steps": 60,
+    "amp-epoch": 55,
+    "detector-steps": 55,
+    "sync-count": 25,
 }
 
 
@@ -121,6 +125,11 @@ def steps(args) -> list[dict]:
     s.append(dict(name="detector-steps", json=str(out / "detector_steps.json"),
                   cmd=[py, "tools/gpu_check.py", "--internal-detector-steps", str(out / "detector_steps.json"),
                        "--device", dev] + (["--quick"] if quick else [])))
+    if dev == "cuda":
+        s.append(dict(name="sync-count", json=str(out / "sync_count.json"),
+                      cmd=[py, "tools/gpu_check.py", "--internal-sync-count", str(out / "sync_count.json")]))
+    else:
+        s.append(dict(name="sync-count", skip="torch.cuda.set_sync_debug_mode needs CUDA (not run with --device cpu)"))
     for step in s:
         step["budget"] = BUDGETS[step["name"]]
     return s
@@ -244,6 +253,50 @@ def detector_steps(path: str, device: str, quick: bool, archs=("retinanet", "fas
     Path(path).write_text(json.dumps(results, indent=1))
 
 
+def sync_count(path: str) -> None:
+    """Step 9, in its own process: host syncs of one training step per architecture, as JSON."""
+    import collections
+    import warnings
+
+    import torch
+
+    from detectors import build_detector
+
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 800, 1066, generator=g).to(dev) for _ in range(2)]
+    targets = []
+    for _ in range(2):
+        xy = torch.rand(8, 2, generator=g) * 560
+        targets.append({"boxes": torch.cat([xy, xy + 50 + torch.rand(8, 2, generator=g) * 200], 1).to(dev),
+                        "labels": torch.randint(1, 91, (8,), generator=g).to(dev)})
+    options = {"retinanet": dict(nms="diou"), "faster_rcnn": dict(nms="diou", rpn_nms="diou")}
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
+    for arch, extra in options.items():
+        model = build_detector(arch, num_classes=91, backbone="resnet50", box_loss="ciou", weights=None,
+                               weights_backbone=None, min_size=800, max_size=1333, **extra).to(dev).train()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+        for counted in (False, True):  # a warm-up step first (allocator, cuDNN, Triton compilation)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn" if counted else "default")
+                try:
+                    total = sum(model(images, targets).values())
+                    opt.zero_grad(set_to_none=True)
+                    total.backward()
+                    opt.step()
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.synchronize()
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        where = collections.Counter(f"{os.path.relpath(w.filename, ROOT)}:{w.lineno}" for w in syncs)
+        results["rows"].append({"arch": arch, "options": extra, "syncs": len(syncs),
+                                "where": where.most_common(12)})
+        del model, opt
+        torch.cuda.empty_cache()
+    Path(path).write_text(json.dumps(results, indent=1))
+
+
 # ------------------------------------------------------------------------------- the report
 
 
@@ -302,6 +355,13 @@ def section(res: dict, step: dict) -> list[str]:
             alone = f"{r['loss_ms']:.2f}" if "loss_ms" in r else "-"
             lines.append(f"| {r['arch']} | {r['loss']} | {r['step_ms']:.1f} | {r['loss_calls']} | {r['loss_pairs']} "
                          f"| {alone} | {share} |")
+    elif name == "sync-count" and Path(step.get("json", "-")).exists():
+        data = json.loads(Path(step["json"]).read_text())
+        lines += [f"{data['device']}, torch {data['torch']}; one training step (ResNet-50-FPN, 800 px, batch 2, "
+                  "CIoU), syncs reported by torch.cuda.set_sync_debug_mode('warn').", ""]
+        for r in data["rows"]:
+            lines += [f"- {r['arch']} {r['options']}: **{r['syncs']}** syncs; most frequent: "
+                      + ", ".join(f"`{w}` x{c}" for w, c in r["where"])]
     else:
         lines += ["```text", tail(output), "```"]
     return lines + [""]
@@ -315,9 +375,13 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the steps and budgets, run nothing")
     ap.add_argument("--only", nargs="+", metavar="STEP", choices=list(BUDGETS), help="run only these steps")
     ap.add_argument("--internal-detector-steps", metavar="JSON", help=argparse.SUPPRESS)
+    ap.add_argument("--internal-sync-count", metavar="JSON", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.internal_detector_steps:
         detector_steps(args.internal_detector_steps, args.device, args.quick)
+        return 0
+    if args.internal_sync_count:
+        sync_count(args.internal_sync_count)
         return 0
     import torch
 

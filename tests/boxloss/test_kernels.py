@@ -716,3 +716,25 @@ def test_gpu_check_detector_step_counts_the_box_loss(tmp_path):
     assert rows[0]["loss_calls"] == 0 and "share" not in rows[0]
     assert rows[1]["loss_calls"] >= 1 and rows[1]["loss_pairs"] > 0
     assert 0 < rows[1]["share"] == rows[1]["loss_ms"] / rows[1]["step_ms"]
+
+
+def test_gpu_check_report_sections(tmp_path):
+    """The GPU-only steps' JSON (written on a GPU) rendered into the report: tables and counts."""
+    import json
+
+    check = load_gpu_check()
+    det = {"device": "NVIDIA H100", "torch": "2.x", "image": "2 x 3 x 800 x 1066", "backbone": "resnet50",
+           "rows": [{"arch": "retinanet", "loss": "default", "step_ms": 80.0, "loss_calls": 0, "loss_pairs": 0},
+                    {"arch": "retinanet", "loss": "ciou", "step_ms": 81.0, "loss_calls": 2, "loss_pairs": 300,
+                     "loss_ms": 0.4, "share": 0.4 / 81.0}]}
+    sync = {"device": "NVIDIA H100", "torch": "2.x",
+            "rows": [{"arch": "faster_rcnn", "options": {"rpn_nms": "diou"}, "syncs": 7,
+                      "where": [["boxloss/nms.py:266", 4], ["torchvision/x.py:1", 3]]}]}
+    (tmp_path / "d.json").write_text(json.dumps(det))
+    (tmp_path / "s.json").write_text(json.dumps(sync))
+    res = dict(status="passed", seconds=1.0, budget=55, command="c", log="l", output="")
+    text = "\n".join(check.section(res | {"name": "detector-steps"}, {"json": str(tmp_path / "d.json")}))
+    assert "| retinanet | ciou | 81.0 | 2 | 300 | 0.40 | 0.49 % |" in text
+    assert "| retinanet | default | 80.0 | 0 | 0 | - | - |" in text
+    text = "\n".join(check.section(res | {"name": "sync-count"}, {"json": str(tmp_path / "s.json")}))
+    assert "**7** syncs" in text and "`boxloss/nms.py:266` x4" in text
