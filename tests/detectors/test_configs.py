@@ -50,3 +50,13 @@ def test_missing_coco_data_names_the_file(tmp_path):
     missing = tmp_path / "coco" / "annotations" / "instances_train2017.json"
     assert out.stderr.startswith(f"error: annotation file not found: '{missing}'")
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("arch", ["retinanet", "faster_rcnn"])
+def test_build_detector_rejects_an_unknown_keyword_naming_the_closest(arch):
+    # torchvision's constructors swallow unknown keywords: a typo would silently keep the default
+    from detectors import build_detector
+    from detectors.errors import OptionError
+
+    with pytest.raises(OptionError, match=r"unknown key score_tresh; did you mean 'score_thresh'\?"):
+        build_detector(arch, num_classes=3, backbone="resnet18", score_tresh=0.1)
