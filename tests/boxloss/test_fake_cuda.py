@@ -107,8 +107,8 @@ def test_focal_losses_stay_on_cuda(fake_cuda, dtype):
     labels = torch.randint(0, 3, (7,), device="cuda")
     alpha = torch.rand(3, device="cuda")
     for loss in (
-        boxloss.softmax_focal_loss(logits, labels, alpha=alpha, label_smoothing=0.1, weight=torch.rand(7, device="cuda"),
-                                   reduction="none"),
+        boxloss.softmax_focal_loss(logits, labels, alpha=alpha, label_smoothing=0.1,
+                                   weight=torch.rand(7, device="cuda"), reduction="none"),
         boxloss.cross_entropy(logits, labels, label_smoothing=0.1, reduction="none"),
     ):
         assert (loss.device, loss.dtype, loss.shape) == (CUDA, torch.float32, (7,))
@@ -153,7 +153,8 @@ def test_box_ops_stay_on_cuda(fake_cuda):
 
 
 BACKWARD = pytest.mark.xfail(raises=RuntimeError, strict=True,
-                             reason="autograd's backward on CUDA tensors needs a CUDA driver (see test_backward_needs_a_gpu)")
+                             reason="autograd's backward on CUDA tensors needs a CUDA driver "
+                                    "(see test_backward_needs_a_gpu)")
 
 
 @pytest.mark.parametrize("mode,grad", [("exact", "analytic"), ("paper", "analytic"),

@@ -110,7 +110,8 @@ def test_focal_losses_on_cuda_match_cpu(device, dtype):
     alpha, weight = torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.rand(500, generator=torch.Generator().manual_seed(7))
     xd = x.to(device).requires_grad_()
     cases = [
-        (lambda z, d: boxloss.sigmoid_focal_loss(z, y.to(d), weight=weight[:, None].expand(500, 4).to(d), avg_factor=9.0)),
+        (lambda z, d: boxloss.sigmoid_focal_loss(z, y.to(d), weight=weight[:, None].expand(500, 4).to(d),
+                                                 avg_factor=9.0)),
         (lambda z, d: boxloss.softmax_focal_loss(z, labels.to(d), alpha=alpha.to(d), label_smoothing=0.1,
                                                  weight=weight.to(d))),
     ]

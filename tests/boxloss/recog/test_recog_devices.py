@@ -129,7 +129,8 @@ def test_center_losses_read_the_device_only_for_the_label_check(monkeypatch):
 def test_center_update_counts_match_bincount():
     # n_j from index_add_ against bincount's: Δc_j = Σ_{y_i = j}(c_j − x_i) / (1 + n_j), class 3 absent
     g = torch.Generator().manual_seed(2)
-    x, centers = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g, dtype=torch.float64)
+    x = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    centers = torch.randn(4, 3, generator=g, dtype=torch.float64)
     n = torch.bincount(LABELS, minlength=4).to(torch.float64)
     diff = torch.stack([(centers[j] - x[LABELS == j]).sum(0) for j in range(4)])
     expected = centers - 0.5 * diff / (1 + n)[:, None]
