@@ -52,11 +52,12 @@ def test_missing_coco_data_names_the_file(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
-@pytest.mark.parametrize("arch", ["retinanet", "faster_rcnn"])
-def test_build_detector_rejects_an_unknown_keyword_naming_the_closest(arch):
+@pytest.mark.parametrize("arch, typo, right", [("retinanet", "score_tresh", "score_thresh"),
+                                               ("faster_rcnn", "box_score_tresh", "box_score_thresh")])
+def test_build_detector_rejects_an_unknown_keyword_naming_the_closest(arch, typo, right):
     # torchvision's constructors swallow unknown keywords: a typo would silently keep the default
     from detectors import build_detector
     from detectors.errors import OptionError
 
-    with pytest.raises(OptionError, match=r"unknown key score_tresh; did you mean 'score_thresh'\?"):
-        build_detector(arch, num_classes=3, backbone="resnet18", score_tresh=0.1)
+    with pytest.raises(OptionError, match=rf"unknown key {typo}; did you mean '{right}'\?"):
+        build_detector(arch, num_classes=3, backbone="resnet18", **{typo: 0.1})
