@@ -88,6 +88,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 from ._kernels import BACKENDS
 from .boxes import _check_box_tensor, _upcast
@@ -397,8 +398,6 @@ def _tracing(boxes: Tensor) -> bool:
     """Whether a tracer (torch.compile, torch.export) or fake tensors run the call: then NMS is the
     opaque op ``boxloss::diou_nms`` (the C kernel reads raw pointers and the torch path has
     data-dependent sizes; neither can be traced). Eager calls skip the dispatcher's overhead."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
     return torch.compiler.is_compiling() or isinstance(boxes, FakeTensor)
 
 
