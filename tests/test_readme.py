@@ -120,3 +120,21 @@ def test_no_document_refers_outside_the_repository():
 def test_readme_is_an_entry_page():
     with open(README) as f:
         assert len(f.read().splitlines()) <= 250, "README.md grew past 250 lines: move details to docs/"
+
+
+def test_docs_weight_table_is_the_code():
+    """docs/detectors.md's default box-loss weights table says what default_box_loss_weight returns,
+    for every name the detectors accept, each name in one row."""
+    from detectors.options import BOX_LOSSES, default_box_loss_weight
+
+    with open(os.path.join(ROOT, "docs", "detectors.md")) as f:
+        text = f.read()
+    table = text[text.index("| box_loss | RetinaNet | Faster R-CNN RoI head | RPN |"):].split("\n\n")[0]
+    seen = []
+    for row in table.splitlines()[2:]:
+        names, retinanet, roi, rpn = (c.strip() for c in row.strip("|").split("|"))
+        for name in (n.strip() for n in names.split(",")):
+            seen.append(name)
+            assert [default_box_loss_weight(h, name) for h in ("retinanet", "roi", "rpn")] == \
+                [float(retinanet), float(roi), float(rpn)], f"docs/detectors.md: weights of {name}"
+    assert sorted(seen) == sorted(BOX_LOSSES), "docs/detectors.md's weight table must list every box loss once"
