@@ -216,8 +216,8 @@ def main() -> None:
             }
             kept = {k: len(fn()[0]) for k, fn in fns.items()}
             med = time_round_robin(fns, max(3, args.repeats // 5), 1)
-            print(f"| {name} | {c} | {kept['iou']} / {kept['diou']} | {med['iou'] * 1e3:.3f} | {med['diou'] * 1e3:.3f} |",
-                  flush=True)
+            print(f"| {name} | {c} | {kept['iou']} / {kept['diou']} | {med['iou'] * 1e3:.3f} | "
+                  f"{med['diou'] * 1e3:.3f} |", flush=True)
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     print(f"\nload average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 

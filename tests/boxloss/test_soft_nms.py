@@ -12,7 +12,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_nms import DEVICES, NATIVE, THRESHOLDS, _values, adversarial_case, kernel, random_case, wide_size_case  # noqa: F401
+from test_nms import (  # noqa: F401
+    DEVICES, NATIVE, THRESHOLDS, _values, adversarial_case, kernel, random_case, wide_size_case
+)
 
 import boxloss
 
