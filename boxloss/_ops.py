@@ -15,9 +15,7 @@ eager mode the autograd Function avoids the dispatcher's few microseconds per ca
 so a compiled graph takes the kernel of the device it runs on.
 """
 
-from __future__ import annotations
-
-from typing import Optional
+from typing import Optional  # real annotations (no __future__ import): custom_op reads them as types
 
 import torch
 from torch import Tensor
