@@ -28,9 +28,9 @@ compiling (torch.compile, torch.export) and on fake tensors the call goes throug
   rows (x1, y1, x2, y2) per box, so every later op runs on contiguous rows and handles x and y
   together (``[2, c]`` or ``[2, 2, c]`` blocks): about 40 ops per chunk for GIoU, 55 for CIoU,
   loss and gradient together. The workspace (48 rows, reused as values die: 25 MB) is allocated
-  once per thread, device and dtype (and CUDA stream) and kept, and every view of it is built once: a view costs about as much
-  Python as an op on a few thousand numbers. A short input is padded to a multiple of 1024
-  pairs, so its views come from a small set too.
+  once per thread, device and dtype (and CUDA stream) and kept, and every view of it is built
+  once: a view costs about as much Python as an op on a few thousand numbers. A short input is
+  padded to a multiple of 1024 pairs, so its views come from a small set too.
 * **Six saved numbers per pair.** The IoU family is translation invariant, so per axis the four
   coordinate gradients sum to zero: backward rebuilds the target's (x2, y2) gradient from the
   other six. When ``target`` needs no gradient only the prediction's four are kept. In float32

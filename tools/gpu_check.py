@@ -113,7 +113,8 @@ def steps(args) -> list[dict]:
                            "--device", dev, "--out", str(out / f"sim_{mode}"), *sim]))
     missing = [f"{m} ({e})" for m in ("mmengine", "pycocotools") if (e := import_error(m))]
     if missing:
-        s.append(dict(name="amp-epoch", skip="needs mmengine and pycocotools; not importable here: " + "; ".join(missing)))
+        s.append(dict(name="amp-epoch",
+                      skip="needs mmengine and pycocotools; not importable here: " + "; ".join(missing)))
     elif dev != "cuda":
         s.append(dict(name="amp-epoch", skip="--amp needs CUDA (not run with --device cpu)"))
     else:
@@ -325,7 +326,8 @@ def tail(text: str, n: int = 25) -> str:
 
 def section(res: dict, step: dict) -> list[str]:
     name = res["name"]
-    lines = [f"## {name}", "", f"Status: **{res['status']}** ({res.get('seconds', 0):.1f} s of a {res['budget']} s budget)"]
+    lines = [f"## {name}", "",
+             f"Status: **{res['status']}** ({res.get('seconds', 0):.1f} s of a {res['budget']} s budget)"]
     if res["status"] == "skipped":
         return lines + ["", f"Skipped: {res['reason']}", ""]
     lines += ["", f"Command: `{res['command']}` (full output: `{res['log']}`)", ""]
@@ -348,7 +350,8 @@ def section(res: dict, step: dict) -> list[str]:
         data = json.loads(Path(step["json"]).read_text())
         lines += [f"{data['device']}, torch {data['torch']}, {data['backbone']}-FPN, images {data['image']}, "
                   "SGD step; median of the timed steps.", "",
-                  "| detector | box loss | step ms | loss calls / step | pairs / step | loss alone ms | share of step |",
+                  "| detector | box loss | step ms | loss calls / step | pairs / step | loss alone ms "
+                  "| share of step |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
         for r in data["rows"]:
             share = f"{100 * r['share']:.2f} %" if "share" in r else "-"

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import boxloss
-from boxloss import _kernels, _ops  # noqa: F401  (_ops registers the ops)
+from boxloss import _kernels
+from boxloss import _ops  # noqa: F401  (registers the custom ops)
 from box_cases import box_pairs
 from test_kernels import assert_close_scaled, reference_loss
 

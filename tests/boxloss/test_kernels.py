@@ -543,7 +543,8 @@ def test_check_same_device_names_both_devices():
     """The check for every tensor argument of a loss (weight included: losses.py's entry)."""
     with fake_cuda_mode():
         pred, weight = torch.zeros(8, 4), torch.zeros(8, device="cuda")
-        with pytest.raises(ValueError, match=r"weight must be on the same device as pred \(cpu\), got weight on cuda:0"):
+        msg = r"weight must be on the same device as pred \(cpu\), got weight on cuda:0"
+        with pytest.raises(ValueError, match=msg):
             _kernels.check_same_device(pred, target=torch.zeros(8, 4), weight=weight)
         _kernels.check_same_device(pred, target=torch.zeros(8, 4), weight=None)  # None is skipped
 
