@@ -132,6 +132,9 @@ class BoxLossRegionProposalNetwork(RegionProposalNetwork):
         sampled = torch.cat([sampled_pos, torch.where(torch.cat(sampled_neg))[0]])
         labels = torch.cat(labels)
         objectness_loss = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled], labels[sampled])
+        image_size = None
+        if self.box_loss in IMAGE_SIZE_LOSSES:
+            image_size = _per_box_sizes(image_sizes, anchors)[sampled_pos]
         box_loss = box_regression_loss(
             self.box_loss,
             pred_bbox_deltas[sampled_pos],
@@ -139,7 +142,7 @@ class BoxLossRegionProposalNetwork(RegionProposalNetwork):
             torch.cat(matched_gt_boxes)[sampled_pos],
             self.box_coder,
             options=self.box_loss_cfg,
-            image_size=_per_box_sizes(image_sizes, anchors)[sampled_pos] if self.box_loss in IMAGE_SIZE_LOSSES else None,
+            image_size=image_size,
             loss_module=getattr(self, "wise_iou", None),
         )
         return objectness_loss, box_loss / sampled.numel()

@@ -104,6 +104,8 @@ def set_box_loss(module: nn.Module, head: str, box_loss: str, loss_weight, prefi
     module.loss_weight = check_weight(f"{prefix}box_loss_weight", loss_weight)
     if box_loss == "wise_iou":
         module.wise_iou = boxloss.WiseIoULoss(reduction="sum", **module.box_loss_cfg)
+    elif "wise_iou" in module._modules:  # the loss changed: no stale running mean in the state dict
+        del module.wise_iou
 
 
 def set_nms(module: nn.Module, nms: str, nms_beta, soft_nms_sigma=0.5, prefix: str = "") -> None:
@@ -127,7 +129,8 @@ def default_box_loss_weight(head: str, box_loss: str) -> float:
     Why: an IoU-family loss on decoded boxes pulls on the predicted deltas much less than an L-norm
     loss on the deltas does, by a factor the head's box-coder weights set. Measured at zero deltas on
     2,000 random anchors whose ground truth is shifted and rescaled by N(0, 0.15) of their size (loss
-    about 0.4 per box), the mean |dL/d(deltas)| summed over the 4 deltas is: coder (1, 1, 1, 1) (RetinaNet, RPN): L1 4.0, smooth-L1 2.9, GIoU 2.4, DIoU/CIoU 2.2;
+    about 0.4 per box), the mean |dL/d(deltas)| summed over the 4 deltas is: coder (1, 1, 1, 1)
+    (RetinaNet, RPN): L1 4.0, smooth-L1 2.9, GIoU 2.4, DIoU/CIoU 2.2;
     coder (10, 10, 5, 5) (RoI head): L1 4.0, smooth-L1 3.8, GIoU 0.29, DIoU/CIoU 0.27. Weights of
     about 2 and 10-13 restore the pull of the default loss. They agree with the published
     settings: 2 is MMDetection's GIoU weight for dense anchor heads (ATSS, GFL); 10 is its IoU and

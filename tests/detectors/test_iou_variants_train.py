@@ -80,8 +80,8 @@ def test_the_retinanet_head_applies_the_options_and_the_image_size():
     torch.manual_seed(0)
     anchors = [torch.tensor([[0.0, 0.0, 20.0, 20.0], [10.0, 10.0, 40.0, 30.0], [5.0, 5.0, 15.0, 25.0]])] * 2
     deltas = 0.2 * torch.randn(2, 3, 4)
-    targets = [{"boxes": torch.tensor([[2.0, 1.0, 22.0, 18.0], [12.0, 8.0, 44.0, 33.0]]), "labels": torch.tensor([1, 2]),
-                "image_size": torch.tensor([48.0, 64.0])},
+    targets = [{"boxes": torch.tensor([[2.0, 1.0, 22.0, 18.0], [12.0, 8.0, 44.0, 33.0]]),
+                "labels": torch.tensor([1, 2]), "image_size": torch.tensor([48.0, 64.0])},
                {"boxes": torch.tensor([[4.0, 6.0, 16.0, 22.0]]), "labels": torch.tensor([1]),
                 "image_size": torch.tensor([100.0, 80.0])}]
     matched = [torch.tensor([0, 1, -1]), torch.tensor([-1, -2, 0])]
