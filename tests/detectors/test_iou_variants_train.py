@@ -17,7 +17,7 @@ from detectors.checkpoint import load_weights
 from detectors.data import CocoDetection
 from detectors.errors import OptionError
 from detectors.losses import box_regression_loss
-from detectors.options import BOX_LOSSES, default_box_loss_weight
+from detectors.options import BOX_LOSSES, default_box_loss_weight, set_box_loss
 from detectors.retinanet import ImageSizeTransform
 from detectors.shapes import make_shapes
 
@@ -192,8 +192,10 @@ def test_wise_iou_running_mean_is_in_the_state_dict():
     other = tiny_detector("faster_rcnn", box_loss="giou").state_dict()
     load_weights(fresh, other, "giou model")
     assert fresh.roi_heads.wise_iou.iou_mean.item() == state["roi_heads.wise_iou.iou_mean"].item()
-    # and the default loss's model has no such buffer (torchvision's keys)
+    # and the default loss's model has no such buffer (torchvision's keys), nor a head switched away
     assert not [k for k in other if "wise_iou" in k]
+    set_box_loss(fresh.roi_heads, "roi", "giou", None)
+    assert [k for k in fresh.state_dict() if "wise_iou" in k] == ["rpn.wise_iou.iou_mean"]
 
 
 def _batch():
