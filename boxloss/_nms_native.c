@@ -631,6 +631,57 @@ static PyObject *py_soft_nms(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(n_keep);
 }
 
+/* Greedy over a bit matrix read back from a device (nms.py's _nms_masked): blocks [n_blocks, 4] int64
+ * (r0, r1, c0, width) in the order of the buffer; row i of a block is `width` bytes whose bit k of
+ * byte w says that rank i suppresses rank c0 + 8 w + k (c0 a multiple of 8). `removed` ([n / 8]
+ * bytes, bit i: rank i suppressed) carries over between calls; kept ranks are appended to keep. */
+static int64_t resolve_bits(const uint8_t *bits, const int64_t *blocks, int64_t n_blocks, uint8_t *removed,
+                            int64_t *keep, int64_t n_keep) {
+    int64_t at = 0;
+    for (int64_t b = 0; b < n_blocks; b++) {
+        int64_t r0 = blocks[4 * b], r1 = blocks[4 * b + 1], c0 = blocks[4 * b + 2], width = blocks[4 * b + 3];
+        for (int64_t i = r0; i < r1; i++) {
+            if ((removed[i >> 3] >> (i & 7)) & 1)
+                continue;
+            keep[n_keep++] = i;
+            const uint8_t *row = bits + at + (i - r0) * width;
+            uint8_t *dst = removed + (c0 >> 3);
+            for (int64_t w = 0; w < width; w++)
+                dst[w] |= row[w];
+        }
+        at += (r1 - r0) * width;
+    }
+    return n_keep;
+}
+
+static PyObject *py_resolve_bits(PyObject *self, PyObject *args) {
+    unsigned long long bits, blocks, removed, keep;
+    long long n_bytes, n_blocks, n, n_keep;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KLKLLKKL", &bits, &n_bytes, &blocks, &n_blocks, &n, &removed, &keep, &n_keep))
+        return NULL;
+    /* the blocks must lie inside the buffer, their rows and columns inside [0, n) */
+    const int64_t *bl = ptr(blocks);
+    int64_t total = 0;
+    for (int64_t b = 0; b < n_blocks; b++) {
+        int64_t r0 = bl[4 * b], r1 = bl[4 * b + 1], c0 = bl[4 * b + 2], width = bl[4 * b + 3];
+        if (r0 < 0 || r1 < r0 || r1 > n || c0 < 0 || c0 % 8 || width < 0 || c0 / 8 + width > (n + 7) / 8) {
+            PyErr_SetString(PyExc_ValueError, "bad block");
+            return NULL;
+        }
+        total += (r1 - r0) * width;
+    }
+    if (n < 0 || n_keep < 0 || n_keep > n || total > n_bytes || (n_blocks > 0 && (!bits || !removed || !keep))) {
+        PyErr_SetString(PyExc_ValueError, "null pointer or bad length");
+        return NULL;
+    }
+    int64_t k;
+    Py_BEGIN_ALLOW_THREADS
+    k = resolve_bits(ptr(bits), bl, n_blocks, ptr(removed), ptr(keep), n_keep);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong(k);
+}
+
 static PyMethodDef methods[] = {
     {"nms", py_nms, METH_VARARGS,
      "nms(dtype_bits, boxes_ptr, n, scores_bits, scores_ptr, order_ptr, classes_ptr, iou_threshold, beta, distance, "
@@ -642,6 +693,10 @@ static PyMethodDef methods[] = {
      "soft_nms(dtype_bits, boxes_ptr, n, scores_bits, scores_ptr, classes_ptr, method, sigma, iou_threshold, "
      "score_threshold, distance, beta, keep_ptr, out_scores_ptr) -> K: Soft-NMS (method 0 linear, 1 gaussian); "
      "the selected indices to keep int64 [n] and their scores to out_scores float64 [n] (first K)"},
+    {"resolve_bits", py_resolve_bits, METH_VARARGS,
+     "resolve_bits(bits_ptr, n_bytes, blocks_ptr, n_blocks, n, removed_ptr, keep_ptr, n_keep) -> K: greedy over "
+     "the suppression bits of nms.py's device formulation; blocks int64 [n_blocks, 4] (r0, r1, c0, width), removed "
+     "uint8 [(n + 7) / 8] carried between calls, kept ranks appended to keep int64 [n] from n_keep on"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -130,10 +130,13 @@ PATHS = {
     "torch stages, chunks": {"_DENSE_MEAN_WINDOW": -1.0, "_STAGE_MIN": 8, "_CHUNK_SLOTS": 64, "_SEQUENTIAL_EDGES": 0},
     "torch stages, python finish": {"_DENSE_MEAN_WINDOW": -1.0, "_STAGE_MIN": 4, "_SEQUENTIAL_EDGES": 10**9},
     # the formulation of GPUs (suppression bits read back once), forced on CPU tensors; small blocks
-    # and host reads exercise its multi-block, multi-read loop
+    # and host reads exercise its multi-block, multi-read loop; its host loop in C, or in Python
+    # without the extension
     "torch device": {"_masked_path": lambda device: True},
     "torch device, small blocks": {"_masked_path": lambda device: True, "_DEVICE_BLOCK_VALUES": 50,
                                    "_HOST_READ_BYTES": 8},
+    "torch device, Python host loop": {"_masked_path": lambda device: True, "_nms_native": None,
+                                       "_DEVICE_BLOCK_VALUES": 200, "_HOST_READ_BYTES": 64},
 }
 
 
@@ -157,7 +160,7 @@ def _nms(boxes, scores, t, idxs=None, **kw):
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("batched", [False, True], ids=["single", "batched"])
 def test_equals_greedy_reference_random(path, batched, monkeypatch):
-    """2 x 300 random cases for the C kernel and 6 x 2 x 130 = 1,560 for the torch paths (CPU and
+    """2 x 300 random cases for the C kernel and 7 x 2 x 130 = 1,820 for the torch paths (CPU and
     device formulations), exactly equal to the reference (indices and order)."""
     _select_path(path, monkeypatch)
     g = torch.Generator().manual_seed(2 * list(PATHS).index(path) + batched)
