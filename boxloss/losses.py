@@ -391,8 +391,8 @@ def siou_loss(pred, target, *, weight=None, reduction="mean", avg_factor=None, e
       added to C_w^2, C_h^2);
     * shape cost Omega = sum over w, h of (1 - exp(-omega_t))^theta, omega_w = |w - w_g| / max(w, w_g).
 
-    The sign is the paper's (as YOLOv6 and MMDetection's ``neg_gamma=True``): Delta grows from 0 to
-    2 as the centres move apart. MMDetection's default ``neg_gamma=False`` computes
+    The sign is the paper's (as YOLOv6 and MMDetection's ``neg_gamma=True``): Delta grows from 0 as
+    the centres move apart. MMDetection's default ``neg_gamma=False`` computes
     exp(+(2 - Lambda) rho), a Delta that goes negative and a loss that falls to 0 as the boxes move
     apart; that sign is not offered. Unlike MMDetection the loss is not clamped at 2 (far-apart boxes
     of very different sizes pass 2 slightly).
