@@ -23,7 +23,11 @@ returns exactly torchvision's indices. ``--eager`` adds the torch-op path on CPU
 (``BOXLOSS_KERNEL=eager``, the path of installs without the C extension) as a column, timed after
 the others (median of ``--repeats`` / 5 rounds), and checks that it returns the C kernel's indices.
 ``--soft`` adds Table 3: ``boxloss.batched_soft_nms`` (gaussian, IoU and DIoU overlaps) on the same
-inputs, times only (torchvision has no Soft-NMS).
+inputs, times only (torchvision has no Soft-NMS). ``--device cuda`` puts the inputs on the GPU:
+boxloss's torch path (its device formulation) against torchvision's CUDA kernel, each call timed
+until the device is done:
+
+    .venv/bin/python tools/bench_nms.py --device cuda --repeats 25
 """
 
 from __future__ import annotations
@@ -31,14 +35,17 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
+import sys
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch starts its OpenMP threads
 
 import torch  # noqa: E402
 import torchvision  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import cpu_name  # noqa: E402  (also puts the repo root on sys.path)
 
 import boxloss  # noqa: E402
 import boxloss.nms as nms_mod  # noqa: E402
@@ -114,15 +121,18 @@ def eager(fn):
     return run
 
 
-def time_round_robin(fns: dict, repeats: int, warmup: int) -> dict:
+def time_round_robin(fns: dict, repeats: int, warmup: int, sync=lambda: None) -> dict:
     """Median seconds per call of each function, calling them in turn each round (the order rotates
-    from round to round, so no function always runs first, right after another's work)."""
+    from round to round, so no function always runs first, right after another's work); ``sync``
+    waits for the device's queue before the clock stops."""
     names = list(fns)
     times = {k: [] for k in names}
     for r in range(warmup + repeats):
         for k in names[r % len(names) :] + names[: r % len(names)]:
+            sync()
             t0 = time.perf_counter()
             fns[k]()
+            sync()
             if r >= warmup:
                 times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
@@ -141,13 +151,20 @@ def main() -> None:
     p.add_argument("--eager", action="store_true")  # also time the torch-op path
     p.add_argument("--soft", action="store_true")  # also time Soft-NMS (Table 3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")  # where the boxes live: cpu, or cuda (the torch path, and
+    # torchvision's CUDA kernel); times then wait for the device (torch.cuda.synchronize)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda" and args.eager:
+        p.error("--eager times the torch path on CPU tensors; on CUDA it is the only path (leave --eager out)")
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    where = f"device {torch.cuda.get_device_name(device)}, " if device.type == "cuda" else ""
     print(
-        f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, torchvision {torchvision.__version__}, {where}"
+        f"{cpu_name()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, C kernel "
         f"{'built' if nms_mod._nms_native is not None else 'NOT built'}, "
         f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
@@ -161,6 +178,7 @@ def main() -> None:
              for n in args.sizes for c in args.classes]
     if args.chain:
         cases.append((f"{args.chain:,} chain", 1, chain(args.chain)))
+    cases = [(name, c, tuple(x.to(device) for x in inputs)) for name, c, inputs in cases]
     eager_head = " torch path ms | ratio |" if args.eager else ""
     for table in ("batched", "single"):
         if table == "batched":
@@ -191,7 +209,7 @@ def main() -> None:
                 }
             out = {k: fn() for k, fn in fns.items()}
             same = torch.equal(out["iou"], out["tv"])
-            med = time_round_robin(fns, args.repeats, args.warmup)
+            med = time_round_robin(fns, args.repeats, args.warmup, sync)
             if args.eager:  # timed apart: its multi-threaded ops would evict the others' caches
                 slow = eager(fns["diou"])
                 same = same and torch.equal(slow(), out["diou"])
@@ -215,7 +233,7 @@ def main() -> None:
                 "diou": lambda: boxloss.batched_soft_nms(boxes, scores, labels, distance=True),
             }
             kept = {k: len(fn()[0]) for k, fn in fns.items()}
-            med = time_round_robin(fns, max(3, args.repeats // 5), 1)
+            med = time_round_robin(fns, max(3, args.repeats // 5), 1, sync)
             print(f"| {name} | {c} | {kept['iou']} / {kept['diou']} | {med['iou'] * 1e3:.3f} | "
                   f"{med['diou'] * 1e3:.3f} |", flush=True)
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3

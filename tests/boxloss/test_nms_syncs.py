@@ -9,6 +9,8 @@ reads (``tolist``, ``cpu``, ``numpy``) wrapped. The device part of the computati
 CUDA tensors, where any data-dependent op would raise.
 """
 
+import warnings
+
 import pytest
 import torch
 from test_nms import greedy_reference, wide_size_case
@@ -156,3 +158,26 @@ def test_device_part_runs_on_fake_cuda_without_data_dependent_ops():
             bits = nms_mod._suppression_bits(cols, cls, r0, r1, c0, 0.5, 1.0, True)
             assert bits.device.type == "cuda" and bits.dtype == torch.uint8
             assert bits.shape == (r1 - r0, (5000 - c0 + 7) // 8)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_cuda_syncs_per_call_under_sync_debug_mode():
+    """On a GPU, CUDA itself reports each synchronisation (``set_sync_debug_mode("warn")``): <= 4 per
+    call for 5,000 boxes / 80 classes (1 expected: the read of the bits), and the greedy result."""
+    boxes, scores, labels = _detector_like(5000, 80)
+    want = greedy_reference(boxes, scores, 0.5, labels)
+    b, s, lab = boxes.cuda(), scores.cuda(), labels.cuda()
+    boxloss.batched_diou_nms(b, s, lab, 0.5)  # warm-up: allocator, pinned memory
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            keep = boxloss.batched_diou_nms(b, s, lab, 0.5)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 4, [str(w.message) for w in syncs]
+    assert torch.equal(keep.cpu(), want)
