@@ -120,6 +120,17 @@ def test_device_path_syncs_once_for_5000_boxes_80_classes(t, host_reads, monkeyp
     assert torch.equal(keep, greedy_reference(boxes, scores, t, labels))
 
 
+def test_weighted_nms_on_the_device_path_stays_in_budget(host_reads, monkeypatch):
+    """Weighted NMS adds the cluster assignment to the greedy pass: one more read (the members)."""
+    monkeypatch.setenv("BOXLOSS_KERNEL", "eager")
+    monkeypatch.setattr(nms_mod, "_masked_path", lambda device: True)
+    boxes, scores, labels = _detector_like(5000, 80)
+    with host_reads:
+        keep, _ = boxloss.batched_weighted_nms(boxes, scores, labels, 0.5)
+    assert host_reads.counts == {"cpu": 1, "nonzero": 1}, host_reads.counts
+    assert torch.equal(keep, greedy_reference(boxes, scores, 0.5, labels))
+
+
 def test_device_path_reads_once_per_host_read_bytes(host_reads, monkeypatch):
     """Past ``_HOST_READ_BYTES`` of bits the device path reads in pieces: one read each, same result."""
     monkeypatch.setenv("BOXLOSS_KERNEL", "eager")
