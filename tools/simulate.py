@@ -128,8 +128,12 @@ def plot_curves(path: str, summary: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.4, 4.4))
-    for name, r in summary["losses"].items():
-        ax.plot(range(len(r["total_error"])), r["total_error"], label=name, lw=1.6)
+    many = len(summary["losses"]) > 10  # past the 10 colours of the default cycle: tab20's, in pairs
+    for i, (name, r) in enumerate(summary["losses"].items()):
+        color = plt.cm.tab20((2 * i) % 20 + (2 * i) // 20) if many else None
+        dashed = r.get("grad") not in (None, summary.get("grad"))  # autograd where the others are closed-form
+        ax.plot(range(len(r["total_error"])), r["total_error"], label=name, lw=1.6, color=color,
+                ls="--" if dashed else "-")
     for t in (160, 180):  # the step size drops
         if t < summary["iterations"]:
             ax.axvline(t, color="0.7", ls=":", lw=1)
