@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from det_helpers import NUM_CLASSES, TINY, decode, tiny_detector, train_steps
+from det_helpers import NUM_CLASSES, TINY, decode, overfit_box_ious, tiny_detector, train_steps
 from torchvision.models.detection import _utils as det_utils
 
 import boxloss
@@ -59,6 +59,14 @@ def test_trains_on_shapes_with_finite_losses(arch, box_loss, shapes_batch):
     for losses in history:
         assert all(torch.isfinite(v) for v in losses.values()), losses
     assert history[-1]["loss_box_reg"] > 0
+
+
+@pytest.mark.parametrize("box_loss", NEW_LOSSES)
+def test_overfits_two_images(box_loss):
+    """Each loss regresses boxes: every ground-truth box found by a detection of its class with
+    IoU > 0.7 within at most 100 Adam steps, as test_retinanet.py asks of CIoU."""
+    ious = overfit_box_ious("retinanet", lr=2e-3, box_loss=box_loss)
+    assert min(ious) > 0.7, ious
 
 
 @pytest.mark.parametrize("arch", ["retinanet", "faster_rcnn"])
