@@ -309,7 +309,7 @@ def test_weight_names_resolve_to_torchvision_enums():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(arch="yolo"), r"arch must be one of 'retinanet', 'faster_rcnn'; got 'yolo'"),
     (dict(backbone="vgg16"), r"backbone must be one of .*'mobilenet_v3_large'; got 'vgg16'"),
-    (dict(box_loss="eiou"), r"box_loss must be one of 'default', 'l1'.*'ciou'; got 'eiou'"),
+    (dict(box_loss="piou"), r"box_loss must be one of 'default', 'l1'.*'mpdiou'; got 'piou'"),
     (dict(nms="fast"), r"nms must be one of 'iou', 'diou', 'soft', 'soft-diou', 'weighted'; got 'fast'"),
     (dict(rpn_box_loss="L1"), r"rpn_box_loss must be one of .*; got 'L1'"),
     (dict(rpn_nms="greedy"), r"rpn_nms must be one of 'iou', .*'weighted'; got 'greedy'"),
