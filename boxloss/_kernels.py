@@ -89,6 +89,7 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
+from ._checks import check_device
 from .boxes import _check_eps
 
 try:  # the fused C loops, built by `pip install` (setup.py); without a compiler the eager path runs
@@ -180,15 +181,13 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
 
 
 def check_same_device(pred: Tensor, **others: Tensor | None) -> None:
-    """ValueError unless every tensor of ``others`` (by argument name; None skipped) is on ``pred``'s device.
+    """:func:`boxloss._checks.check_device` of every tensor of ``others`` (by argument name) against ``pred``.
 
-    The kernels read raw pointers: a CUDA ``target`` beside a CPU ``pred`` would hand a device
-    pointer to the CPU loops, and a CPU one beside a CUDA ``pred`` would be copied to the device
-    chunk by chunk. A 0-d tensor is no exception (the losses take no scalar tensors).
+    The compiled loops read raw pointers: a CUDA ``target`` beside a CPU ``pred`` would hand a device
+    pointer to C. A 0-d tensor is no exception (the losses take no scalar tensors).
     """
     for name, t in others.items():
-        if t is not None and t.device != pred.device:
-            raise ValueError(f"{name} must be on the same device as pred ({pred.device}), got {name} on {t.device}")
+        check_device(name, t, "pred", pred)
 
 
 _triton_modules: dict = {}

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import check_device
 from .losses import _check_reduction, _reduce
 
 __all__ = ["sigmoid_focal_loss", "softmax_focal_loss", "cross_entropy", "SigmoidFocalLoss"]
@@ -13,16 +14,6 @@ __all__ = ["sigmoid_focal_loss", "softmax_focal_loss", "cross_entropy", "Sigmoid
 
 def _float(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-def _check_device(name: str, tensor, ref_name: str, ref: Tensor) -> None:
-    """``tensor`` (if a tensor) must be on ``ref``'s device.
-
-    Checked where data enters: a CPU tensor in a CUDA computation is otherwise a device-mismatch
-    error deep inside an op, or a silent host-to-device copy on every call. Reads no data (no sync).
-    """
-    if isinstance(tensor, Tensor) and tensor.device != ref.device:
-        raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {tensor.device}")
 
 
 def _check_weight(weight, shape: torch.Size, allowed: tuple) -> None:
@@ -69,8 +60,8 @@ def sigmoid_focal_loss(
         raise ValueError(f"gamma must be >= 0, got {gamma!r}")
     _check_reduction(reduction)
     _check_weight(weight, inputs.shape, (tuple(inputs.shape),))
-    _check_device("targets", targets, "inputs", inputs)
-    _check_device("weight", weight, "inputs", inputs)
+    check_device("targets", targets, "inputs", inputs)
+    check_device("weight", weight, "inputs", inputs)
     inputs = _float(inputs)
     targets = targets.to(inputs.dtype)
     p = torch.sigmoid(inputs)
@@ -130,7 +121,7 @@ def softmax_focal_loss(
     _check_reduction(reduction)
     _check_weight(weight, logits.shape, ((logits.shape[0],),))
     for name, tensor in (("targets", targets), ("alpha", alpha), ("weight", weight)):
-        _check_device(name, tensor, "logits", logits)
+        check_device(name, tensor, "logits", logits)
     logits = _float(logits)
     log_p = F.log_softmax(logits, dim=-1)  # [N, K]
     q = F.one_hot(targets.long(), num_classes).to(logits.dtype)

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from . import iou_variants as _variants
+from ._checks import check_device
 from ._kernels import iou_family_loss
 from .boxes import _check_box_tensor, _check_eps, _upcast
 
@@ -108,7 +109,7 @@ def _reduce(loss: Tensor, weight: Tensor | None, reduction: str, avg_factor: flo
 
 
 def _prepare(pred: Tensor, target: Tensor, weight: Tensor | None, reduction: str, eps: float):
-    """Argument checks shared by every loss (shapes, reduction, eps), then the float32 upcast."""
+    """Argument checks shared by every loss (shapes, devices, reduction, eps), then the float32 upcast."""
     _check_box_tensor("pred", pred)
     _check_box_tensor("target", target)
     if pred.shape != target.shape:
@@ -122,6 +123,8 @@ def _prepare(pred: Tensor, target: Tensor, weight: Tensor | None, reduction: str
             raise ValueError(
                 f"weight must have shape {tuple(pred.shape[:-1])} or {tuple(pred.shape)}, got {tuple(weight.shape)}"
             )
+    check_device("target", target, "pred", pred)
+    check_device("weight", weight, "pred", pred)
     _check_reduction(reduction)
     _check_eps(eps)
     pred, target = _upcast(pred), _upcast(target)

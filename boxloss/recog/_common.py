@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 # One device check for the whole package: a ValueError naming both devices, no data read.
-from ..focal import _check_device  # noqa: F401
+from .._checks import check_device  # noqa: F401
 
 # One reduction for the whole package (boxloss.losses): an empty "mean" is 0 * loss.sum(),
 # never NaN, and avg_factor divides the sum (MMDetection semantics).
@@ -55,7 +55,7 @@ def _check_labels(labels: Tensor, n: int | None, name: str = "labels") -> None:
 def _check_embeddings_labels(embeddings: Tensor, labels: Tensor, dim: int | None = None) -> None:
     _check_float_matrix(embeddings, "embeddings", dim)
     _check_labels(labels, embeddings.shape[0])
-    _check_device("labels", labels, "embeddings", embeddings)
+    check_device("labels", labels, "embeddings", embeddings)
 
 
 def _check_label_range(labels: Tensor, num_classes: int, name: str = "labels") -> None:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._common import (
-    _check_device,
+    check_device,
     _check_embeddings_labels,
     _check_float_matrix,
     _check_label_range,
@@ -36,7 +36,7 @@ def _check_centers(centers: Tensor, embeddings: Tensor) -> None:
             f"centers must have the embedding dimension {embeddings.shape[1]} (shape [C, "
             f"{embeddings.shape[1]}]), got shape {tuple(centers.shape)}"
         )
-    _check_device("centers", centers, "embeddings", embeddings)
+    check_device("centers", centers, "embeddings", embeddings)
 
 
 def _class_counts(labels: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
@@ -83,7 +83,7 @@ def center_loss(
     _check_embeddings_labels(embeddings, labels)
     _check_centers(centers, embeddings)
     _check_weight(weight, embeddings.shape[0])
-    _check_device("weight", weight, "embeddings", embeddings)
+    check_device("weight", weight, "embeddings", embeddings)
     _check_reduction(reduction)
     _check_label_range(labels, centers.shape[0])
     x = _upcast(embeddings)
@@ -236,7 +236,7 @@ def minimum_margin_loss(
     c = _upcast(centers)
     if labels is not None:
         _check_labels(labels, None)
-        _check_device("labels", labels, "centers", centers)
+        check_device("labels", labels, "centers", centers)
         _check_label_range(labels, c.shape[0])
         c = c[torch.unique(labels)]
     k = c.shape[0]

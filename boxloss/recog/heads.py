@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._common import (
-    _check_device,
+    check_device,
     _check_embeddings_labels,
     _check_float_matrix,
     _check_label_range,
@@ -49,7 +49,7 @@ _ACOS_EPS = 1e-7
 def _check_cosine_labels(cosine: Tensor, labels: Tensor) -> None:
     _check_float_matrix(cosine, "cosine")
     _check_labels(labels, cosine.shape[0])
-    _check_device("labels", labels, "cosine", cosine)
+    check_device("labels", labels, "cosine", cosine)
 
 
 def _replace_target(cosine: Tensor, labels: Tensor, target: Tensor) -> Tensor:
@@ -244,7 +244,7 @@ class _MarginHead(nn.Module):
 
     def _inputs(self, embeddings: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
         """Checked embeddings and weights in the compute dtype (float32, or float64)."""
-        _check_device("embeddings", embeddings, f"{type(self).__name__}.weight", self.weight)
+        check_device("embeddings", embeddings, f"{type(self).__name__}.weight", self.weight)
         if labels is None:
             _check_float_matrix(embeddings, "embeddings", self.in_features)
         else:

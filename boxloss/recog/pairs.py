@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import (
-    _check_device,
+    check_device,
     _check_embeddings_labels,
     _check_float_matrix,
     _check_labels,
@@ -271,8 +271,8 @@ def triplet_margin_loss(
             "anchors, positives and negatives must have the same shape, got "
             f"{tuple(anchors.shape)}, {tuple(positives.shape)} and {tuple(negatives.shape)}"
         )
-    _check_device("positives", positives, "anchors", anchors)
-    _check_device("negatives", negatives, "anchors", anchors)
+    check_device("positives", positives, "anchors", anchors)
+    check_device("negatives", negatives, "anchors", anchors)
     _check_nonnegative(margin, "margin")
     _check_reduction(reduction)
     a, p, n = _upcast(anchors), _upcast(positives), _upcast(negatives)
@@ -328,8 +328,8 @@ def tuplet_loss(
     ):
         b, d = anchors.shape
         raise ValueError(f"negatives must have shape [{b}, K, {d}] with K >= 1, got {tuple(negatives.shape)}")
-    _check_device("positives", positives, "anchors", anchors)
-    _check_device("negatives", negatives, "anchors", anchors)
+    check_device("positives", positives, "anchors", anchors)
+    check_device("negatives", negatives, "anchors", anchors)
     _check_reduction(reduction)
     f, fp, fn = _upcast(anchors), _upcast(positives), _upcast(negatives)
     with _no_autocast(f.device):  # float32 logits under AMP, as documented
@@ -382,7 +382,7 @@ def npair_loss(
         raise ValueError(
             f"positives must have the shape of anchors {tuple(anchors.shape)}, got {tuple(positives.shape)}"
         )
-    _check_device("positives", positives, "anchors", anchors)
+    check_device("positives", positives, "anchors", anchors)
     _check_nonnegative(l2_reg, "l2_reg")
     _check_reduction(reduction)
     n = anchors.shape[0]
@@ -390,7 +390,7 @@ def npair_loss(
         raise ValueError(f"npair_loss needs at least 2 pairs (one per class), got {n}")
     if labels is not None:
         _check_labels(labels, n)
-        _check_device("labels", labels, "anchors", anchors)
+        check_device("labels", labels, "anchors", anchors)
         if torch.unique(labels).numel() != n:
             raise ValueError(
                 f"npair_loss needs one pair per class (all labels distinct), got labels {_labels_preview(labels)}"

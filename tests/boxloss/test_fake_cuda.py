@@ -62,10 +62,6 @@ def test_losses_empty_input_on_cuda(fake_cuda, name):
     assert loss.device == CUDA and loss.requires_grad
 
 
-@pytest.mark.xfail(raises=RuntimeError, strict=True,
-                   reason="boxloss.losses checks devices only in the IoU kernel (target of iou/giou/diou/ciou): "
-                          "the L-norm losses, the losses after CIoU and every weight fail inside an op "
-                          "(FakeTensorDeviceMismatchError) instead of the ValueError; _prepare should check both")
 @pytest.mark.parametrize("argument", ["target", "pred", "weight"])
 def test_losses_reject_arguments_on_another_device(fake_cuda, argument):
     for name in boxloss.LOSS_NAMES:

@@ -532,7 +532,7 @@ def test_target_on_another_device_is_a_value_error(kind):
     with fake_cuda_mode():
         cpu, cuda = torch.zeros(8, 4), torch.zeros(8, 4, device="cuda")
         for pred, target, (a, b) in ((cpu, cuda, ("cpu", "cuda:0")), (cuda, cpu, ("cuda:0", "cpu"))):
-            msg = rf"target must be on the same device as pred \({a}\), got target on {b}"
+            msg = rf"target must be on the device of pred \({a}\), got {b}"
             with pytest.raises(ValueError, match=msg):
                 PUBLIC[kind](pred, target)
             with pytest.raises(ValueError, match=msg):
@@ -543,7 +543,7 @@ def test_check_same_device_names_both_devices():
     """The check for every tensor argument of a loss (weight included: losses.py's entry)."""
     with fake_cuda_mode():
         pred, weight = torch.zeros(8, 4), torch.zeros(8, device="cuda")
-        msg = r"weight must be on the same device as pred \(cpu\), got weight on cuda:0"
+        msg = r"weight must be on the device of pred \(cpu\), got cuda:0"
         with pytest.raises(ValueError, match=msg):
             _kernels.check_same_device(pred, target=torch.zeros(8, 4), weight=weight)
         _kernels.check_same_device(pred, target=torch.zeros(8, 4), weight=None)  # None is skipped
