@@ -70,3 +70,27 @@ def degenerate_pairs(dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         dtype=dtype,
     )
     return pred, target
+
+
+def value_and_grads(fn, pred, target):
+    """``fn(pred, target)`` and its gradients with respect to both (of the summed loss)."""
+    p = pred.detach().clone().requires_grad_()
+    t = target.detach().clone().requires_grad_()
+    loss = fn(p, t)
+    gp, gt = torch.autograd.grad(loss.sum(), (p, t))
+    return loss.detach(), gp, gt
+
+
+def numerical_grad(f, x, h=1e-6):
+    """Central differences of f(x).sum() in every coordinate of x."""
+    grad = torch.zeros_like(x)
+    flat = x.detach().clone().view(-1)
+    for i in range(flat.numel()):
+        orig = flat[i].item()
+        flat[i] = orig + h
+        up = f(flat.view_as(x)).sum()
+        flat[i] = orig - h
+        down = f(flat.view_as(x)).sum()
+        flat[i] = orig
+        grad.view(-1)[i] = (up - down) / (2 * h)
+    return grad

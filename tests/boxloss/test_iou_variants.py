@@ -11,10 +11,9 @@ import math
 
 import pytest
 import torch
-import torchvision.ops as tv
 
 import boxloss
-from box_cases import box_pairs, degenerate_pairs
+from box_cases import box_pairs, degenerate_pairs, numerical_grad, value_and_grads
 
 EPS = 1e-12  # negligible against the unit areas of the hand-worked cases
 F64 = torch.float64
@@ -35,14 +34,6 @@ def random_pairs(n, seed, dtype=F64):
     pred = torch.cat([centre - size / 2, centre + size / 2], 1)
     target = torch.cat([centre_t - size_t / 2, centre_t + size_t / 2], 1)
     return pred, target
-
-
-def value_and_grads(fn, pred, target):
-    p = pred.detach().clone().requires_grad_()
-    t = target.detach().clone().requires_grad_()
-    loss = fn(p, t)
-    gp, gt = torch.autograd.grad(loss.sum(), (p, t))
-    return loss.detach(), gp, gt
 
 
 def assert_same_value_and_grads(got, want, rtol=1e-9, atol=1e-12):
@@ -424,21 +415,6 @@ def test_gradcheck(case):
     assert torch.autograd.gradcheck(lambda p, t: fn(p, t, reduction="none", **options), (pred, target))
 
 
-def _numerical_grad(f, x, h=1e-6):
-    """Central differences of f(x).sum() in every coordinate of x."""
-    grad = torch.zeros_like(x)
-    flat = x.detach().clone().view(-1)
-    for i in range(flat.numel()):
-        orig = flat[i].item()
-        flat[i] = orig + h
-        up = f(flat.view_as(x)).sum()
-        flat[i] = orig - h
-        down = f(flat.view_as(x)).sum()
-        flat[i] = orig
-        grad.view(-1)[i] = (up - down) / (2 * h)
-    return grad
-
-
 @pytest.mark.parametrize("case", FROZEN)
 def test_gradient_with_the_constant_parts_held(case):
     """Where a part has no gradient by definition (Focal-EIoU's weight, CIoU's alpha and beta, Wise-IoU's
@@ -448,7 +424,7 @@ def test_gradient_with_the_constant_parts_held(case):
     pred, target = jittered_pairs(30)
     p0 = pred.clone()
     analytic = value_and_grads(ours, pred, target)[1]
-    numeric = _numerical_grad(lambda p: ref(p, target, at=p0), pred)
+    numeric = numerical_grad(lambda p: ref(p, target, at=p0), pred)
     torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-8)
 
 

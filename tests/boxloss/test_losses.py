@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import torchvision.ops as tv
 
 import boxloss
-from box_cases import box_pairs, degenerate_pairs
+from box_cases import box_pairs, degenerate_pairs, numerical_grad
 
 ALL = {
     "l1": boxloss.l1_loss,
@@ -123,20 +123,6 @@ def test_gradcheck(name):
         assert torch.autograd.gradcheck(lambda p, t: fn(p, t, reduction="none", mode="log"), (pred, target))
 
 
-def _numerical_grad(f, x, h=1e-6):
-    grad = torch.zeros_like(x)
-    flat = x.detach().clone().view(-1)
-    for i in range(flat.numel()):
-        orig = flat[i].item()
-        flat[i] = orig + h
-        up = f(flat.view_as(x)).sum()
-        flat[i] = orig - h
-        down = f(flat.view_as(x)).sum()
-        flat[i] = orig
-        grad.view(-1)[i] = (up - down) / (2 * h)
-    return grad
-
-
 def test_gradcheck_ciou_alpha_held_constant():
     """CIoU's alpha has no gradient by convention, so the check is against diou + alpha0 * v."""
     pred, target = box_pairs(20, seed=7, dtype=torch.float64)
@@ -155,7 +141,7 @@ def test_gradcheck_ciou_alpha_held_constant():
 
     x = pred.clone().requires_grad_()
     analytic = torch.autograd.grad(boxloss.ciou_loss(x, target, reduction="sum"), x)[0]
-    torch.testing.assert_close(analytic, _numerical_grad(frozen, pred), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(analytic, numerical_grad(frozen, pred), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.filterwarnings("ignore:ciou_grad='paper'")  # pixel-sized boxes on purpose (see test_numerics)

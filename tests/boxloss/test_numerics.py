@@ -16,7 +16,7 @@ import boxloss
 import boxloss.losses as losses_module
 from boxloss import _kernels
 from boxloss.boxes import _iou_family
-from box_cases import box_pairs, degenerate_pairs
+from box_cases import box_pairs, degenerate_pairs, value_and_grads
 
 IOU_FAMILY = ("iou", "giou", "diou", "ciou")
 AVG_EPS = torch.finfo(torch.float32).eps
@@ -30,14 +30,6 @@ REQUIRED = {"mpdiou": {"image_size": (480.0, 640.0)}}
 
 def get_loss(name, **options):
     return boxloss.get_loss(name, **REQUIRED.get(name, {}), **options)
-
-
-def value_and_grads(fn, pred, target):
-    p = pred.detach().clone().requires_grad_()
-    t = target.detach().clone().requires_grad_()
-    loss = fn(p, t)
-    gp, gt = torch.autograd.grad(loss.sum(), (p, t))
-    return loss.detach(), gp, gt
 
 
 def kernel(backend, kind, **options):
