@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import run_tool  # noqa: E402  (also puts the repo root on sys.path)
 
 from detectors.errors import DataNotFoundError  # noqa: E402
-from detectors.evaluation import AP_NAMES  # noqa: E402
+from detectors.evaluation import AP_COLUMNS, AP_NAMES  # noqa: E402
 
 METRIC_PREFIX = "coco/bbox_"
 
@@ -62,10 +62,10 @@ def plot(work_dir: str, out: str) -> str:
         ax1.plot(steps, [train[s][key] for s in steps], label=key, lw=1.5 if key == "loss" else 1)
     ax1.set(xlabel="iteration", ylabel="loss", title="training loss")
     ax1.legend(fontsize=8)
-    for key in AP_NAMES[:3]:  # AP, AP50, AP75
+    for key, label in zip(AP_NAMES[:3], AP_COLUMNS[:3]):  # AP, AP50, AP75
         epochs = [e for e in val if key in val[e]]
         if epochs:
-            ax2.plot(epochs, [val[e][key] for e in epochs], marker="o", label=key)
+            ax2.plot(epochs, [val[e][key] for e in epochs], marker="o", label=label)
     ax2.set(xlabel="epoch", ylabel="COCO box AP", title="validation", ylim=(0, 1))
     ax2.legend(fontsize=8)
     fig.suptitle(os.path.basename(os.path.normpath(work_dir)))
