@@ -17,20 +17,20 @@ compiling (torch.compile, torch.export) and on fake tensors the call goes throug
   numbers of each pair; backward is one more pass. The loops run on ``torch.get_num_threads()``
   pthreads with the GIL released (ranges of >= 16384 pairs). CIoU's two angles are taken by
   ``torch.atan`` on the aspect-ratio columns, so they are the very values of the eager kernel.
-  3-4x faster than the eager ops on CPU; see tools/bench_losses.py.
+  3-4x faster than the eager ops on CPU (docs/kernels.md).
 * **triton** (the CUDA default where Triton is installed): ``boxloss._triton``, one fused forward
   kernel writing the loss and the saved rows, one backward kernel; the same formulas as the
   compiled loops. ``TRITON_INTERPRET=1`` runs it on CPU tensors through Triton's interpreter.
 * **eager**: PyTorch ops only (GPUs without Triton, other devices, and CPUs where the extension
   could not be built). How it is fast without a compiler, each op writing into a preallocated row:
 
-* **Coordinate rows, chunk by chunk.** A chunk of pairs (128k on CPU) is transposed once into
-  rows (x1, y1, x2, y2) per box, so every later op runs on contiguous rows and handles x and y
-  together (``[2, c]`` or ``[2, 2, c]`` blocks): about 40 ops per chunk for GIoU, 55 for CIoU,
-  loss and gradient together. The workspace (48 rows, reused as values die: 25 MB) is allocated
-  once per thread, device and dtype (and CUDA stream) and kept, and every view of it is built
-  once: a view costs about as much Python as an op on a few thousand numbers. A short input is
-  padded to a multiple of 1024 pairs, so its views come from a small set too.
+* **Coordinate rows, chunk by chunk.** A chunk of pairs (128k on CPU, 1M on GPU) is transposed
+  once into rows (x1, y1, x2, y2) per box, so every later op runs on contiguous rows and handles x
+  and y together (``[2, c]`` or ``[2, 2, c]`` blocks): about 40 ops per chunk for GIoU, 55 for CIoU,
+  loss and gradient together. The workspace (48 rows, reused as values die: 25 MB on CPU) is
+  allocated once per thread, device and dtype (and CUDA stream) and kept: a fresh one faults in
+  its pages on every call, 2.6-4x the kernel's time at 10^6 pairs (docs/kernels.md). The chunk
+  bounds what is kept. The views of the last chunk length are kept with it.
 * **Six saved numbers per pair.** The IoU family is translation invariant, so per axis the four
   coordinate gradients sum to zero: backward rebuilds the target's (x2, y2) gradient from the
   other six. When ``target`` needs no gradient only the prediction's four are kept. In float32
@@ -97,27 +97,17 @@ try:  # the fused C loops, built by `pip install` (setup.py); without a compiler
 except ImportError:  # pragma: no cover - depends on the build
     _native = None
 
-__all__ = ["iou_family_loss", "IoUFamilyLoss", "KINDS", "BACKENDS", "default_chunk", "native_available",
-           "triton_available", "resolve_backend", "check_same_device"]
+__all__ = ["iou_family_loss", "IoUFamilyLoss", "KINDS", "BACKENDS", "native_available", "triton_available",
+           "resolve_backend", "check_same_device"]
 
 KINDS = ("iou", "giou", "diou", "ciou")
 _K4 = 4 / math.pi**2  # CIoU's v = 4/pi^2 * delta^2
 
-# Pairs per chunk on CPU. PyTorch runs an op of at most 32768 numbers (_SERIAL) on the calling
-# thread; a larger one opens an OpenMP parallel region, which wakes the sleeping workers (~15 us
-# with OMP_WAIT_POLICY=PASSIVE, the setting small machines need). Two regimes, measured on a 2-core
-# EPYC with 2 threads and PASSIVE:
-# * idle machine: 128k-pair chunks (ops of 128k-512k numbers, spread over the cores; a 25 MB
-#   workspace) are fastest; 16k-pair chunks of serial ops are ~1.2x slower, 8k ~1.4x.
-# * cores busy with other processes: parallel regions wait for a descheduled worker, and 16k-pair
-#   chunks, where every op is cut to <= _SERIAL numbers and stays serial (see _serial_parts), are
-#   1.2-1.3x faster: set BOXLOSS_CPU_CHUNK=16384 there (or pass chunk=16384). Without
-#   OMP_WAIT_POLICY=PASSIVE on a busy machine (spin-waiting workers), the serial regime also
-#   avoids the many-second stalls that many short parallel ops then hit.
-_SERIAL = 32768
+# Pairs per chunk: the kept workspace is 48 rows of a chunk (25 MB in float32 on CPU); one chunk
+# for 10^6 pairs would keep 190 MB per thread and is no faster (docs/kernels.md, "Eager kernel")
 _CPU_CHUNK = 1 << 17
 _CUDA_CHUNK = 1 << 20  # GPU: one launch per op over up to 1M pairs (workspace ~200 MB in float32)
-_BACKWARD_CHUNK = 1 << 17  # backward: a few memory-bound ops
+_BACKWARD_CHUNK = 1 << 17  # backward: a few memory-bound ops, on chunks at least this long
 
 
 BACKENDS = ("auto", "native", "eager", "triton")
@@ -216,29 +206,9 @@ def _triton_module():
     return mod
 
 
-def default_chunk(device: torch.device, dtype: torch.dtype = torch.float32) -> int:
-    """Pairs per chunk: on CPU 128k, or ``$BOXLOSS_CPU_CHUNK`` (see above); 1M on GPUs (a memory cap)."""
-    if device.type != "cpu":
-        return _CUDA_CHUNK
-    env = os.environ.get("BOXLOSS_CPU_CHUNK")
-    if env is None:
-        return _CPU_CHUNK
-    if not (env.isdigit() and int(env) > 0):
-        raise ValueError(f"BOXLOSS_CPU_CHUNK must be a positive integer, got {env!r}")
-    return int(env)
-
-
-def _whole(*tensors: Tensor) -> list[tuple[Tensor, ...]]:
-    return [tensors]
-
-
-def _serial_parts(*tensors: Tensor) -> list[tuple[Tensor, ...]]:
-    """Same-shaped tensors split along dim 0 into pieces of at most _SERIAL numbers, where that is
-    possible (small chunks: every op serial); else whole (large chunks: fewer, parallel ops)."""
-    k = -(-tensors[0].numel() // _SERIAL)
-    if k == 1 or k > tensors[0].shape[0]:
-        return [tensors]
-    return list(zip(*(t.tensor_split(k) for t in tensors)))
+def _default_chunk(device: torch.device) -> int:
+    """Pairs per chunk of the eager kernel: 128k on CPU, 1M on GPUs (see _CPU_CHUNK)."""
+    return _CPU_CHUNK if device.type == "cpu" else _CUDA_CHUNK
 
 
 class _Consts:
@@ -278,7 +248,7 @@ class _Workspace:
     """Preallocated rows for one chunk of ``cap`` pairs, with every view the kernel uses built once.
 
     Building a view costs about a microsecond of Python, as much as an op on a few thousand
-    numbers; :meth:`views` builds them once per chunk length and keeps them.
+    numbers; :meth:`views` keeps those of the last chunk length (every chunk of a call has the same).
     """
 
     # name: shape without the trailing chunk dimension. Rows are reused once dead (see _build).
@@ -298,9 +268,6 @@ class _Workspace:
 
     def __init__(self, cap: int, device: torch.device, dtype: torch.dtype):
         self.cap = cap
-        # CPU ops of more than _SERIAL numbers open an OpenMP region: cut into serial pieces there.
-        # A GPU op is one launch whatever its size: pieces would only multiply the launches.
-        self.split = device.type == "cpu"
         stride = cap + self._PAD
         sizes = {k: math.prod(s) for k, s in self._SHAPES.items()}
         flat = torch.empty(sum(sizes.values()) * stride, device=device, dtype=dtype)
@@ -309,28 +276,27 @@ class _Workspace:
             n = sizes[k] * stride
             self.buf[k] = flat[off : off + n].view(*s, stride)[..., :cap]
             off += n
-        self._views: dict = {}
+        self._views: SimpleNamespace | None = None
 
     def views(self, c: int) -> SimpleNamespace:
-        w = self._views.get(c)
-        if w is None:  # lengths are multiples of _BUCKET (or the chunk): a bounded set
-            w = self._views[c] = self._build(c)
-        return w
+        if self._views is None or self._views.c != c:
+            self._views = self._build(c)
+        return self._views
 
     def _build(self, c: int) -> SimpleNamespace:
         b = {k: v[..., :c] for k, v in self.buf.items()}
         R, SZ, D, S = b["R"], b["SZ"], b["D"], b["S"]
-        w = SimpleNamespace(**b)
+        w = SimpleNamespace(c=c, **b)
         # phase 1: coordinate rows of pred, target, intersection, enclosing box: [group, lo|hi, x|y, c]
         Q = R.unflatten(0, (4, 2, 2))
         w.Q0f, w.Q1f = R[0:4], R[4:8]  # targets of the transposition
-        w.Q0h, w.Q1h = (w.Q0f[:, : c // 2], w.Q0f[:, c // 2 :]), (w.Q1f[:, : c // 2], w.Q1f[:, c // 2 :])
         w.Q0lo, w.Q0hi, w.Q1lo, w.Q1hi = Q[0, 0], Q[0, 1], Q[1, 0], Q[1, 1]  # [x|y, c] each
         w.Ilo, w.Ihi, w.Elo, w.Ehi = Q[2, 0], Q[2, 1], Q[3, 0], Q[3, 1]
         w.Qhi, w.Qlo, w.Qhi3, w.Qlo3 = Q[:, 1], Q[:, 0], Q[:3, 1], Q[:3, 0]
         w.Df = D.flatten(0, 1)
         w.Dlo, w.Dhi = D.unbind(0)
-        w.SZ01, w.SZ2, w.SZ3, w.cwh = SZ[0:2], SZ[2], SZ[0:3], SZ[3]
+        w.SZ3, w.cwh = SZ[0:3], SZ[3]
+        w.w01, w.h01 = SZ[0:2, 0], SZ[0:2, 1]  # unclamped sizes of pred and target
         w.cw, w.ch = SZ[3].unbind(0)
         # phase 2 (the coordinates are dead once the sizes and D are taken): clamped sizes, products
         CL = R[0:6].unflatten(0, (3, 2))  # pred, target, intersection
@@ -344,7 +310,7 @@ class _Workspace:
         # scratch, then the last temporaries
         w.valid = w.P[0:2]  # [2 boxes, c]: min(w, h) >= 0, in place of A1, A2
         w.valid_wh = w.valid.unsqueeze(1)  # [2, 1, c]: against [2 boxes, w|h, c]
-        w.GX, w.GX01, w.GX_w, w.GX_h = SZ[0:3], SZ[0:2], SZ[0:3, 0], SZ[0:3, 1]
+        w.GX01, w.GX_w, w.GX_h = SZ[0:2], SZ[0:3, 0], SZ[0:3, 1]
         w.GX_w01, w.GX_h01, w.GX_w2, w.GX_h2 = SZ[0:2, 0], SZ[0:2, 1], SZ[2, 0], SZ[2, 1]
         w.aq = R[14:16]  # CIoU, in place of atan(w / h)
         w.GE0, w.GE1 = b["GE"].unbind(0)
@@ -359,23 +325,13 @@ class _Workspace:
         w.GX0, w.GX1, w.GX2 = SZ[0:3].unbind(0)
         w.s = S.unbind(0)
         w.s01, w.s23 = S[0:2], S[2:4]
-        # the ops on more than [2, c], cut into serial pieces on CPU (see _SERIAL)
-        _parts = _serial_parts if self.split else _whole
-        w.sz4, w.sz3 = _parts(w.Qhi, w.Qlo, SZ), _parts(w.Qhi3, w.Qlo3, w.SZ3)
-        w.df = _parts(w.Q0f, w.Q1f, w.Df)
-        w.clamp = _parts(w.SZ3, CL)
-        w.prod = _parts(w.CLw, w.CLh, w.P)
-        w.mins = _parts(SZ[0:2, 0], SZ[0:2, 1], w.valid)
-        w.gx = _parts(w.CLh, w.CLw, w.P, w.GX_w, w.GX_h)
-        w.sign = _parts(D)
-        w.lerp = _parts(w.WI, w.T)
         return w
 
 
-# Workspaces are kept between calls, one per thread, device and dtype (25 MB at the CPU chunk):
-# allocating (page faults on CPU) and building its ~100 views again (~170 us of Python) would cost
-# more than a small input's whole loss. On a GPU a workspace is tied to the stream it was first
-# used on (the caching allocator's rule for reuse without synchronisation): one per stream.
+# Workspaces are kept between calls, one per thread, device and dtype (25 MB at the CPU chunk): a
+# fresh one faults its pages in on every call, 2.6-4x the kernel's time at 10^6 pairs. On a GPU a
+# workspace is tied to the stream it was first used on (the caching allocator's rule for reuse
+# without synchronisation): one per stream.
 _local = threading.local()
 
 
@@ -389,7 +345,7 @@ def _stream_key(device: torch.device):
 _GPU_MIN_WORKSPACE = 1 << 16
 
 
-def _workspace(c: int, device: torch.device, dtype: torch.dtype, fake: bool = False) -> _Workspace:
+def _workspace(c: int, device: torch.device, dtype: torch.dtype, fake: bool) -> _Workspace:
     if fake:  # fake tensors (shape propagation) are never cached
         return _Workspace(c, device, dtype)
     cache = getattr(_local, "workspaces", None)
@@ -398,8 +354,7 @@ def _workspace(c: int, device: torch.device, dtype: torch.dtype, fake: bool = Fa
     key = (device, dtype, _stream_key(device))
     ws = cache.get(key)
     if ws is None or ws.cap < c:
-        ws = _Workspace(max(c, default_chunk(device, dtype) if device.type == "cpu" else _GPU_MIN_WORKSPACE),
-                        device, dtype)
+        ws = _Workspace(max(c, _CPU_CHUNK if device.type == "cpu" else _GPU_MIN_WORKSPACE), device, dtype)
         cache[key] = ws
     return ws
 
@@ -408,9 +363,9 @@ class _Pool:
     """Large CPU output buffers (saved rows, losses, gradients), reused once nothing holds them.
 
     A fresh allocation of this size comes from the kernel as untouched pages, and each 4 KiB page
-    faults on its first write: ~0.25 us on bare metal, ~3-4 us in the VM this was tuned on, where
-    the 56 MB of outputs of 10^6 pairs then cost 15-40 ms, as much as the computation. glibc reuses
-    freed memory only some of the time; this keeps the buffers. A buffer is handed out again only
+    faults on its first write: ~0.25 us on bare metal, ~3-4 us in a VM, where the 56 MB of outputs
+    of 10^6 pairs then cost 15-40 ms, as much as the computation. glibc reuses freed memory only
+    some of the time; this keeps the buffers. A buffer is handed out again only
     when its storage has no other user (torch's storage use count, read through a private but
     long-standing accessor; without it there is no pooling), so a tensor a caller still holds --
     a loss kept for logging, a .grad, a saved tensor of a graph not yet run -- is never reused.
@@ -466,37 +421,18 @@ def _empty(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, fak
     return torch.empty(shape, device=device, dtype=dtype)  # the CUDA caching allocator does this
 
 
-# A short input (one chunk) is padded to a multiple of _BUCKET pairs, so that its length comes
-# from a small set whose views are built once, not on every call with a new number of boxes.
-_BUCKET = 1024
-
-
 def _run_chunks(n: int, c: int, body) -> None:
     """Call ``body(start)`` for the chunks ``[start, start + c)`` covering ``[0, n)``.
 
     The last chunk is moved back to end at ``n`` (it overlaps the one before and recomputes the
-    same values), so every chunk has length ``c`` and the same cached views. (Running chunks on
-    several Python threads was tried: the ops release the GIL, but their Python side does not,
-    and it was 1.5-3x slower than one thread whose large ops OpenMP spreads over the cores.)
+    same values), so every chunk has length ``c`` and the same views. One Python thread: the ops
+    spread over the cores themselves, and their Python side holds the GIL.
     """
     # inference mode: the workspace is made of inference tensors, whose ops skip the version
     # counter and autograd bookkeeping (~15% of an op's fixed cost)
     with torch.inference_mode():
         for s in range(0, n, c):
             body(min(s, n - c))
-
-
-def _transpose_into(w: SimpleNamespace, p: Tensor, t: Tensor) -> None:
-    """Coordinate rows of the chunk: pred into rows 0-3, target into 4-7 (the only strided reads)."""
-    c = p.shape[0]
-    if p.device.type != "cpu" or 4 * c <= _SERIAL or 2 * c > _SERIAL:  # one op, or halves would not be serial
-        w.Q0f.copy_(p.t())
-        w.Q1f.copy_(t.t())
-        return
-    h = c // 2
-    for (first, second), src in ((w.Q0h, p), (w.Q1h, t)):  # two serial halves of the pairs each
-        first.copy_(src[:h].t())
-        second.copy_(src[h:].t())
 
 
 def _angles(w: Tensor, h: Tensor, out: Tensor) -> Tensor:
@@ -511,8 +447,8 @@ def _angles(w: Tensor, h: Tensor, out: Tensor) -> Tensor:
 
 def _chunk(
     kind: str,
-    p: Tensor | None,
-    t: Tensor | None,
+    p: Tensor,
+    t: Tensor,
     loss: Tensor,
     grad: Tensor | None,
     w: SimpleNamespace,
@@ -525,9 +461,9 @@ def _chunk(
 
     ``grad`` is ``[R, c]``, d(-L)/dq with q = (-x1, -y1, x2, y2): the prediction's (lo x, lo y),
     then for R = 6 the target's (lo x, lo y), then the prediction's (hi x, hi y); or None for the
-    values only. ``p``, ``t`` None: the caller has filled the coordinate rows (a padded chunk).
-    Differentiating -L (the metric itself for the linear losses) saves a negation per term, and
-    in q-form one formula serves both edges; backward turns the rows into dL/d(x1, y1, x2, y2).
+    values only. Differentiating -L (the metric itself for the linear losses) saves a negation per
+    term, and in q-form one formula serves both edges; backward turns the rows into
+    dL/d(x1, y1, x2, y2).
     """
     s, eps = w.s, k.eps
     box = kind != "iou"  # needs the enclosing box
@@ -536,26 +472,25 @@ def _chunk(
 
     # phase 1: coordinate rows (the transposition: the only strided reads), intersection and
     # enclosing box, sizes and the differences whose signs say which box owns each edge
-    if p is not None:  # else the caller filled (and padded) the coordinate rows
-        _transpose_into(w, p, t)
+    w.Q0f.copy_(p.t())  # pred into rows 0-3, target into 4-7
+    w.Q1f.copy_(t.t())
     torch.maximum(w.Q0lo, w.Q1lo, out=w.Ilo)
     torch.minimum(w.Q0hi, w.Q1hi, out=w.Ihi)
     if box:
         torch.minimum(w.Q0lo, w.Q1lo, out=w.Elo)
         torch.maximum(w.Q0hi, w.Q1hi, out=w.Ehi)
-    for hi_, lo_, out in w.sz4 if box else w.sz3:  # [groups, 2, c]: (w, h), unclamped
-        torch.sub(hi_, lo_, out=out)
+    if box:  # [groups, 2, c]: (w, h), unclamped
+        torch.sub(w.Qhi, w.Qlo, out=w.SZ)
+    else:
+        torch.sub(w.Qhi3, w.Qlo3, out=w.SZ3)
     if centre or want_grad:
         # (x1 - x1g, y1 - y1g, x2 - x2g, y2 - y2g): the pred owns max(x1, x1g) where the first is
         # > 0 and min(x2, x2g) where the second is < 0
-        for a, b, out in w.df:
-            torch.sub(a, b, out=out)
+        torch.sub(w.Q0f, w.Q1f, out=w.Df)
 
     # phase 2: values
-    for sz, out in w.clamp:
-        torch.clamp(sz, min=0, out=out)  # widths and heights at 0, the intersection relu'd
-    for a, b, out in w.prod:
-        torch.mul(a, b, out=out)  # [3, c]: A1, A2, inter (0 unless iw > 0 and ih > 0)
+    torch.clamp(w.SZ3, min=0, out=w.CL)  # widths and heights at 0, the intersection relu'd
+    torch.mul(w.CLw, w.CLh, out=w.P)  # [3, c]: A1, A2, inter (0 unless iw > 0 and ih > 0)
     union, ue, iou = s[0], s[2], s[4]
     torch.add(w.a1, w.a2, out=union).sub_(w.inter)
     metric = iou
@@ -636,8 +571,7 @@ def _chunk(
     # and as every d/dw has a factor h (area: h, aspect: h / (w^2 + h^2)), 0 where h <= 0, the
     # mask [w >= 0 and h >= 0] serves both sides.
     m_area = w.P  # [3, c]: valid pred, valid target, inter > 0 (the products are dead)
-    for w_, h_, out in w.mins:
-        torch.minimum(w_, h_, out=out)
+    torch.minimum(w.w01, w.h01, out=w.valid)
     w.valid.ge_(0)
     torch.gt(w.inter, 0, out=m_area[2])
     if kind == "ciou":
@@ -658,26 +592,23 @@ def _chunk(
     else:
         m_area[0:2].mul_(m_u)  # [3, c]: each area's masked d(-L)/d(area)
         m_area[2].mul_(m_i)
-        for h_, w_, q, out_w, out_h in w.gx:  # d(area)/dw = h, for the three areas at once
-            torch.mul(h_, q, out=out_w)
-            torch.mul(w_, q, out=out_h)
+        torch.mul(w.CLh, w.P, out=w.GX_w)  # d(area)/dw = h, for the three areas at once
+        torch.mul(w.CLw, w.P, out=w.GX_h)
     GI = w.GX2  # [w|h, c]: d(-L)/d(iw, ih); w.GX0, w.GX1: d(-L)/d(w, h) of pred, target
 
     # q-form coordinate gradients. For q-row (lo|hi, x|y) of the prediction:
     #   d/dq = d/dw + WI d/diw + (1 - WI) d/dcw (-/+ d/d(centre offset) for lo/hi)
     # the target's: d/dw_g + (1 - WI) d/diw + WI d/dcw (+/- the centre term), where WI, the pred's
     # weight in the intersection edge, is 1, 0, or 1/2 at a tie (torch.max/min split the gradient)
-    for (d,) in w.sign:
-        d.sign_()
+    w.D.sign_()
     torch.add(k.half, w.D0, alpha=0.5, out=w.D0)  # in place; (one op with a [2, 1, 1] factor is 3x slower)
     torch.add(k.half, w.D1, alpha=-0.5, out=w.D1)
     # saved rows: pred lo (x1, y1), [target lo,] pred hi (x2, y2); each written once, never re-read
     lo, hi = grad[0:2], grad[-2:]
-    for wi, out in w.lerp:
-        if box:
-            torch.lerp(GE, GI, wi, out=out)  # exact at WI in {0, 1}
-        else:
-            torch.mul(GI, wi, out=out)
+    if box:
+        torch.lerp(GE, GI, w.WI, out=w.T)  # exact at WI in {0, 1}
+    else:
+        torch.mul(GI, w.WI, out=w.T)
     if centre:
         torch.sub(w.GX0, g_rho, out=w.B0)
         torch.add(w.GX0, g_rho, out=w.B1)
@@ -732,34 +663,20 @@ def _forward(
                             grad.data_ptr() if grad is not None else 0, atans.data_ptr() if atans is not None else 0,
                             n, float(eps), grad_rows, int(log), int(paper), int(gated), threads)
         return loss, grad
-    chunk = chunk or default_chunk(device, dtype)
     fake = _is_fake(p)
-    # one padded chunk for a short input; else full chunks, the last one overlapping its neighbour
-    c = n if n >= chunk or chunk % _BUCKET else min(-(-n // _BUCKET) * _BUCKET, chunk)
-    m = max(n, c)
-    loss = _empty((m,), device, dtype, fake)
-    grad = _empty((grad_rows, m), device, dtype, fake) if grad_rows else None
+    loss = _empty((n,), device, dtype, fake)
+    grad = _empty((grad_rows, n), device, dtype, fake) if grad_rows else None
     if n == 0:
         return loss, grad
-    c = min(c, chunk)
+    c = min(n, chunk or _default_chunk(device))  # full chunks, the last one overlapping its neighbour
     k = _Consts.get(device, dtype, eps, fake)
 
     def body(s: int) -> None:
         w = _workspace(c, device, dtype, fake).views(c)
         e = s + c
-        g = None if grad is None else grad[:, s:e]
-        if e > n:  # the padded chunk: zero boxes in the padding (finite everything), results cut off
-            w.R[0:8, n - s :].zero_()
-            w.Q0f[:, : n - s].copy_(p[s:].t())
-            w.Q1f[:, : n - s].copy_(t[s:].t())
-            _chunk(kind, None, None, loss[s:e], g, w, k, log, paper, gated)
-        else:
-            _chunk(kind, p[s:e], t[s:e], loss[s:e], g, w, k, log, paper, gated)
+        _chunk(kind, p[s:e], t[s:e], loss[s:e], None if grad is None else grad[:, s:e], w, k, log, paper, gated)
 
-    _run_chunks(n if n >= c else c, c, body)
-    if m > n:
-        loss = loss[:n]
-        grad = grad[:, :n] if grad is not None else None
+    _run_chunks(n, c, body)
     return loss, grad
 
 
@@ -803,10 +720,8 @@ def _backward(grad_out: Tensor, g: Tensor, need_target: bool, chunk: int | None)
     if n == 0:
         return gp, gt
     go = grad_out.reshape(1, n)  # "sum" gives a stride-0 (expanded) gradient; "mean" a materialised one
-    chunk = chunk or (default_chunk(device, dtype) if device.type == "cpu" else _CUDA_CHUNK)
+    chunk = chunk or _default_chunk(device)
     c = min(n, max(chunk, _BACKWARD_CHUNK) if device.type == "cpu" else chunk)
-    if device.type == "cpu" and 2 * chunk <= _SERIAL:  # the serial regime (see _CPU_CHUNK)
-        c = min(n, _SERIAL // 4)  # the [c, 4] copies stay serial too
     k = _Consts.get(device, dtype, fake=fake)
 
     def body(s: int) -> None:
@@ -888,7 +803,7 @@ def iou_family_loss(
             without the 1 / (w^2 + h^2) factor, as the authors' Darknet and MATLAB code: their
             gradient for image-normalised boxes only; :func:`boxloss.ciou_loss` warns on larger ones).
         alpha: ``"standard"`` or ``"gated"`` (MMDetection: alpha = 0 where IoU <= 0.5).
-        chunk: pairs per chunk of the eager path (default :func:`default_chunk`); results do not
+        chunk: pairs per chunk of the eager path (default 128k on CPU, 1M on GPU); results do not
             depend on it.
         backend: ``"auto"`` (CPU tensors: the compiled loops of ``boxloss._native`` where they are
             built, else eager PyTorch ops; CUDA tensors: the Triton kernels where Triton is

@@ -36,7 +36,6 @@ __all__ = [
 ]
 
 _FORMATS = ("xyxy", "xywh", "cxcywh")
-_IOU_KINDS = ("iou", "giou", "diou", "ciou")
 
 
 def _upcast(t: Tensor) -> Tensor:

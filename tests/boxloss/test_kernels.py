@@ -410,18 +410,17 @@ def test_pooled_outputs_are_never_reused_while_held():
     assert_close_scaled(g1, want, 1e-6)
 
 
-def test_cpu_chunk_from_the_environment(monkeypatch):
-    """BOXLOSS_CPU_CHUNK picks the chunk (16384: the serial regime for busy machines); same bits."""
-    pred, target = box_pairs(40_000, seed=25)
-    base = value_and_grads(lambda p, t: eager(p, t, "ciou"), pred, target)
-    monkeypatch.setenv("BOXLOSS_CPU_CHUNK", "16384")
-    assert _kernels.default_chunk(torch.device("cpu")) == 16384
-    got = value_and_grads(lambda p, t: eager(p, t, "ciou"), pred, target)
-    for a, b in zip(got, base):
+def test_kept_cpu_workspace_is_one_chunk():
+    """A large input runs in 128k-pair chunks: the workspace kept per thread stays one chunk long
+    (25 MB in float32), not the input's length; the last chunk overlaps its neighbour, same bits."""
+    n = _kernels._CPU_CHUNK + 5000
+    pred, target = box_pairs(n, seed=25)
+    got = value_and_grads(lambda p, t: eager(p, t, "giou"), pred, target)
+    assert _kernels._local.workspaces[(torch.device("cpu"), torch.float32, None)].cap == _kernels._CPU_CHUNK
+    want = value_and_grads(lambda p, t: _kernels.iou_family_loss(p, t, "giou", chunk=n, backend="eager"),
+                           pred, target)
+    for a, b in zip(got, want):
         assert torch.equal(a, b)
-    monkeypatch.setenv("BOXLOSS_CPU_CHUNK", "lots")
-    with pytest.raises(ValueError, match="BOXLOSS_CPU_CHUNK must be a positive integer, got 'lots'"):
-        eager(pred, target, "giou")
 
 
 # ---------------------------------------------------------------- the compiled loops
@@ -587,22 +586,20 @@ def test_eager_kernel_on_fake_cuda_tensors(kind):
     torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
 
 
-def test_gpu_workspace_is_cached_and_ops_are_not_split():
-    """Off the CPU the workspace and its views are built once per (device, dtype) and kept (~170 us
-    of Python a call otherwise), and no op is cut into CPU-sized serial pieces (one launch each)."""
+def test_gpu_workspace_and_views_are_kept():
+    """Off the CPU the workspace is built once per (device, dtype) and kept, and so are its views
+    for the same chunk length (~170 us of Python a call otherwise); a new length builds new views."""
     meta = torch.device("meta")  # a non-CPU device that runs the eager ops without data
     p = torch.empty(5000, 4, device=meta)
     _kernels._forward("ciou", p, p, 1e-7, False, False, False, 6, None, "eager")
     ws = _kernels._local.workspaces[(meta, torch.float32, None)]
+    views = ws._views
     _kernels._forward("ciou", p, p, 1e-7, False, False, False, 6, None, "eager")
     assert _kernels._local.workspaces[(meta, torch.float32, None)] is ws
-    assert len(ws._views) == 1
-    c = 16384  # the serial regime's chunk: every op in pieces of <= 32768 numbers on CPU
-    on_cpu = _kernels._Workspace(c, torch.device("cpu"), torch.float32).views(c)
-    off_cpu = _kernels._Workspace(c, meta, torch.float32).views(c)
-    for name in ("sz4", "sz3", "df", "clamp", "prod", "gx", "sign", "lerp"):
-        assert len(getattr(on_cpu, name)) > 1, name
-        assert len(getattr(off_cpu, name)) == 1, name
+    assert ws._views is views
+    q = torch.empty(3000, 4, device=meta)
+    _kernels._forward("ciou", q, q, 1e-7, False, False, False, 6, None, "eager")
+    assert ws._views is not views and ws._views.c == 3000
 
 
 def test_first_loss_of_a_process_under_inference_mode():
