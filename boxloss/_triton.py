@@ -36,6 +36,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from boxloss._kernels import KINDS  # absolute: this module may also be loaded a second time, interpreted
+
 __all__ = ["forward", "backward", "BLOCK"]
 
 # Pairs per program (4 warps: 2 pairs a thread). ptxas for sm_90a, CIoU with 6 rows: 101 registers
@@ -51,7 +53,7 @@ _P = (-8.750608600031904122785e-1, -1.615753718733365076637e1, -7.50085579231470
 _Q = (2.485846490142306297962e1, 1.650270098316988542046e2, 4.328810604912902668951e2,
       4.853903996359136964868e2, 1.945506571482613964425e2)
 _K4 = 4 / math.pi**2  # CIoU's v = 4/pi^2 * delta^2
-_KIND_ID = {"iou": 0, "giou": 1, "diou": 2, "ciou": 3}
+_KIND_ID = {kind: i for i, kind in enumerate(KINDS)}  # the ids the C loops use too
 
 _consts: dict = {}
 

@@ -22,11 +22,12 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
+from ._kernels import KINDS
 from .boxes import _aspect_v, _iou_family, _size
 
 __all__ = []  # private: the public losses are in boxloss.losses
 
-ALPHA_IOU_KINDS = ("iou", "giou", "diou", "ciou")
+ALPHA_IOU_KINDS = KINDS  # alpha-IoU raises the terms of each IoU-family kind to the power alpha
 WISE_IOU_VERSIONS = (1, 2, 3)
 
 
