@@ -54,7 +54,8 @@ curves are robust to this; individual trajectories are not.
 
 The engine works on ``[4, n]`` tensors (rows x, y, w, h), vectorised over cases and chunked: a chunk of
 ``chunk_points * 343`` cases small enough to stay in cache runs through all ``T`` iterations before the
-next chunk starts, and on a CPU several chunks run at once in worker threads.
+next chunk starts; on a CPU, ``workers`` chunks can run at once in threads (torch's intra-op threads
+stay as the caller set them).
 
 Reference:
     Zheng et al., "Distance-IoU Loss: Faster and Better Learning for Bounding Box Regression",
@@ -64,7 +65,6 @@ Reference:
 from __future__ import annotations
 
 import math
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -200,69 +200,76 @@ def make_cases(centres: Tensor, dtype: torch.dtype = torch.float64, device="cpu"
 # numbers as autograd through the losses. The intersection and enclosing extents are
 #     I_e = min(hi, hi_g) - max(lo, lo_g)   (unclamped: negative when the boxes are apart),
 #     C_e = max(hi, hi_g) - min(lo, lo_g).
-# Every op writes into a preallocated buffer: a fresh [2, n] tensor per op goes through malloc and
-# page faults, which tripled the run time on Linux. Bool tensors are avoided too (slow on CPU):
-# indicators come from torch.sign. Row views are made once (indexing costs a dispatch each time).
+# Quantities of both axes are [2, n] tensors, so one op serves x and y (or w and h). A derivative
+# on one axis scales with the other axis' extent (dI/dl = -I_h): I_o and C_o are I_e and C_e with
+# their rows swapped (_Chunk.other), S_o is h on the w row and w on the h row. Indicators come from
+# torch.sign and clamp: bool tensors are slow on a CPU.
+#
+# Each quantity is written into its own buffer of the chunk, named like the variable that holds
+# it (``inter = torch.mul(..., out=buf.inter)``), and the buffers are reused at every step; ``tmp``
+# only holds a value used within the same statement. With fresh tensors at every step, glibc hands
+# the freed top of its heap back to the kernel after each step and the next step page-faults it in
+# again: about three times the run time at the default chunk size (docs/simulation.md).
+
+
+class _Buffers:
+    """One output tensor per quantity, by attribute name, created empty on first use.
+
+    ``torch.mul(a, b, out=buf.inter)`` sizes ``buf.inter`` at the first step and reuses its memory
+    at every later one. A name holds one quantity only: that of the variable of the same name.
+    """
+
+    def __init__(self, like: Tensor):
+        self._like = like
+
+    def __getattr__(self, name: str) -> Tensor:  # only called for names not set yet
+        if name.startswith("_"):
+            raise AttributeError(name)
+        t = self._like.new_empty(0)
+        setattr(self, name, t)
+        return t
 
 
 class _Chunk:
-    """The cases of one chunk: predictions ``boxes`` ``[4, n]``, target constants, reusable buffers."""
+    """The cases of one chunk: the predictions ``boxes`` ``[4, n]`` (the state, stepped in place),
+    the target constants, the direction ``d`` ``[4, n]`` and the buffers of the quantities."""
 
     def __init__(self, boxes: Tensor, targets: Tensor):
         self.boxes, self.targets = boxes, targets  # [4, n] each, rows x, y, w, h
+        # views, made once (each indexing op costs a dispatch): they follow the steps
         self.pos, self.size = boxes[:2], boxes[2:]
-        self.size_rows = self.size.unbind(0)
+        self.w, self.h = boxes[2], boxes[3]
         self.pos_g, self.size_g = targets[:2], targets[2:]
         half_g = 0.5 * self.size_g
         self.lo_g, self.hi_g = self.pos_g - half_g, self.pos_g + half_g  # (l_g, t_g), (r_g, b_g)
         self.area_g = self.size_g[0] * self.size_g[1]
         self.atan_g = torch.atan(self.size_g[0] / self.size_g[1])  # the authors' atan(w_g / h_g)
-        self._buffers: dict[str, tuple[Tensor, tuple[Tensor, ...]]] = {}
-        d = self.buf("d", 4)  # the direction, (x, y, w, h) rows, and its views
-        self.d, self.d_pos, self.d_size = d, d[:2], d[2:]
-        self.d_pos_rows, self.d_size_rows = self.d_pos.unbind(0), self.d_size.unbind(0)
+        self.d = torch.empty_like(boxes)  # the direction, rows x, y, w, h
+        self.d_pos, self.d_size, self.d_w, self.d_h = self.d[:2], self.d[2:], self.d[2], self.d[3]
+        self.buf = _Buffers(boxes)
+        self._swap = torch.tensor([1, 0], device=boxes.device)
 
-    def buf(self, name: str, rows: int = 2) -> Tensor:
-        """The buffer ``name``, ``[rows, n]`` (``[n]`` for rows=1), allocated on first use."""
-        return self._get(name, rows)[0]
-
-    def rows(self, name: str, rows: int = 2) -> tuple[Tensor, ...]:
-        """Row views of the buffer ``name``."""
-        return self._get(name, rows)[1]
-
-    def _get(self, name: str, rows: int) -> tuple[Tensor, tuple[Tensor, ...]]:
-        entry = self._buffers.get(name)
-        if entry is None:
-            shape = (rows, self.boxes.shape[1]) if rows > 1 else (self.boxes.shape[1],)
-            t = torch.empty(shape, dtype=self.boxes.dtype, device=self.boxes.device)
-            entry = self._buffers[name] = (t, t.unbind(0) if rows > 1 else (t,))
-        return entry
+    def other(self, t: Tensor, out: Tensor) -> Tensor:
+        """``t`` ``[2, n]`` with its rows swapped: each axis gets the other axis' value."""
+        return torch.index_select(t, 0, self._swap, out=out)
 
 
-def _mul_swapped(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor], out: tuple[Tensor, Tensor]) -> None:
-    """``out = (a1 b0, a0 b1)`` on rows: each axis times the other axis' ``a``."""
-    torch.mul(a[1], b[0], out=out[0])
-    torch.mul(a[0], b[1], out=out[1])
-
-
-def _addcmul_swapped(out: tuple[Tensor, Tensor], a: tuple[Tensor, Tensor], b: Tensor, value: float) -> None:
-    """``out += value (a1 b, a0 b)`` on rows, ``b`` ``[n]``."""
-    out[0].addcmul_(a[1], b, value=value)
-    out[1].addcmul_(a[0], b, value=value)
-
-
-def _geometry(c: _Chunk) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(sign(lo - lo_g), sign(hi - hi_g), I_e, C_e)`` of the chunk's predictions, each ``[2, n]``."""
-    half = torch.mul(c.size, 0.5, out=c.buf("half"))
-    lo = torch.sub(c.pos, half, out=c.buf("lo"))  # (l, t) = (x1, y1)
-    hi = torch.add(c.pos, half, out=half)  # (r, b) = (x2, y2)
+def _geometry(c: _Chunk) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(lo, hi, sign(lo - lo_g), sign(hi - hi_g), C_e)`` of the chunk's predictions, each ``[2, n]``."""
+    buf = c.buf
+    # x -/+ w/2 in one rounding, as the losses' x1, x2 (w/2 is exact)
+    lo = torch.add(c.pos, c.size, alpha=-0.5, out=buf.lo)  # (l, t) = (x1, y1)
+    hi = torch.add(c.pos, c.size, alpha=0.5, out=buf.hi)  # (r, b) = (x2, y2)
     # +1: the prediction's low edge lies inside the target's / its high edge lies outside
-    s_lo = torch.sub(lo, c.lo_g, out=c.buf("s_lo")).sign_()
-    s_hi = torch.sub(hi, c.hi_g, out=c.buf("s_hi")).sign_()
-    tmp = c.buf("tmp")
-    iext = torch.minimum(hi, c.hi_g, out=c.buf("iext")).sub_(torch.maximum(lo, c.lo_g, out=tmp))
-    cext = torch.maximum(hi, c.hi_g, out=c.buf("cext")).sub_(torch.minimum(lo, c.lo_g, out=tmp))
-    return s_lo, s_hi, iext, cext
+    s_lo = torch.sub(lo, c.lo_g, out=buf.s_lo).sign_()
+    s_hi = torch.sub(hi, c.hi_g, out=buf.s_hi).sign_()
+    c_ext = torch.maximum(hi, c.hi_g, out=buf.c_ext).sub_(torch.minimum(lo, c.lo_g, out=buf.tmp))
+    return lo, hi, s_lo, s_hi, c_ext
+
+
+def _intersection(c: _Chunk, lo: Tensor, hi: Tensor, out: Tensor) -> Tensor:
+    """I_e ``[2, n]`` of the prediction with edges ``lo``, ``hi``, unclamped, into ``out``."""
+    return torch.minimum(hi, c.hi_g, out=out).sub_(torch.maximum(lo, c.lo_g, out=c.buf.tmp))
 
 
 def _paper_direction(kind: str, c: _Chunk) -> tuple[Tensor, Tensor]:
@@ -291,81 +298,82 @@ def _paper_direction(kind: str, c: _Chunk) -> tuple[Tensor, Tensor]:
 
     The IoU is I / U where the boxes overlap and 0 elsewhere, without eps (the authors' ``iou.m``).
     """
-    s_lo, s_hi, iext, cext = _geometry(c)
-    size_r, iext_r, cext_r = c.size_rows, c.rows("iext"), c.rows("cext")
-    a_lo = torch.clamp(s_lo, min=0, out=c.buf("a_lo"))  # [lo > lo_g]
-    b_lo = torch.sub(a_lo, s_lo, out=s_lo)  # [lo < lo_g] = relu(s) - s
-    b_hi = torch.clamp(s_hi, min=0, out=c.buf("b_hi"))  # [hi > hi_g]
-    a_hi = torch.sub(b_hi, s_hi, out=s_hi)  # [hi < hi_g]
+    buf, d_pos, d_size = c.buf, c.d_pos, c.d_size
+    lo, hi, s_lo, s_hi, c_ext = _geometry(c)  # [2, n] each
+    i_ext = _intersection(c, lo, hi, out=buf.i_ext)
+    a_lo = torch.clamp(s_lo, min=0, out=buf.a_lo)  # [lo > lo_g]
+    b_lo = torch.sub(a_lo, s_lo, out=buf.b_lo)  # [lo < lo_g] = relu(s) - s
+    b_hi = torch.clamp(s_hi, min=0, out=buf.b_hi)  # [hi > hi_g]
+    a_hi = torch.sub(b_hi, s_hi, out=buf.a_hi)  # [hi < hi_g]
     # dI_e on the edges, mapped: a_hi - a_lo on x, a_hi + a_lo on w
-    a_diff = torch.sub(a_hi, a_lo, out=c.buf("a_diff"))
-    a_sum = a_lo.add_(a_hi)
-    a_diff_r, a_sum_r = c.rows("a_diff"), c.rows("a_lo")
-    area = torch.mul(*size_r, out=c.buf("area", 1))
-    d, d_pos, d_size, d_pos_r, d_size_r = c.d, c.d_pos, c.d_size, c.d_pos_rows, c.d_size_rows
-    tmp, tmp_r = c.buf("tmp"), c.rows("tmp")
+    a_diff = torch.sub(a_hi, a_lo, out=buf.a_diff)
+    a_sum = torch.add(a_lo, a_hi, out=buf.a_sum)
+    area = torch.mul(c.w, c.h, out=buf.area)  # X
 
     # IoU part, from the clamped intersection: the unclamped one where the boxes overlap, and it
     # keeps U > 0 elsewhere, where the part is masked to 0
-    torch.clamp(iext, min=0, out=c.buf("ic"))
-    ic_r = c.rows("ic")
-    inter = torch.mul(*ic_r, out=c.buf("inter", 1))
-    union = torch.add(area, c.area_g, out=c.buf("union", 1)).sub_(inter).clamp_(min=torch.finfo(area.dtype).tiny)
-    iou = torch.div(inter, union, out=c.buf("iou", 1))
-    g = torch.sign(inter, out=c.buf("g", 1)).div_(union).div_(union)  # 1 / U^2 where they overlap, else 0
-    w_i = union.add_(inter).mul_(g)  # (U + I) / U^2
-    _mul_swapped(ic_r, a_diff_r, d_pos_r)
-    _mul_swapped(ic_r, a_sum_r, d_size_r)
-    d.mul_(w_i)
-    _addcmul_swapped(d_size_r, size_r, g.mul_(inter), value=-2)  # - 2 I S_o / U^2
+    ic = torch.clamp(i_ext, min=0, out=buf.ic)
+    ic_o = c.other(ic, out=buf.ic_o)  # I_o
+    inter = torch.mul(ic[0], ic[1], out=buf.inter)
+    union = torch.add(area, c.area_g, out=buf.union).sub_(inter).clamp_(min=torch.finfo(area.dtype).tiny)
+    iou = torch.div(inter, union, out=buf.iou)
+    g = torch.sign(inter, out=buf.g).div_(union).div_(union)  # 1 / U^2 where they overlap, else 0
+    w_i = torch.add(union, inter, out=buf.w_i).mul_(g)  # (U + I) / U^2
+    i_u2 = torch.mul(g, inter, out=buf.i_u2)  # I / U^2
+    # (U + I) dI / U^2 with dI/dx = I_o (a_hi - a_lo), dI/dw = I_o (a_hi + a_lo), likewise y, h
+    torch.mul(ic_o, a_diff, out=d_pos).mul_(w_i)
+    torch.mul(ic_o, a_sum, out=d_size).mul_(w_i)
+    c.d_w.addcmul_(c.h, i_u2, value=-2)  # - 2 I S_o / U^2, S_o = h on w
+    c.d_h.addcmul_(c.w, i_u2, value=-2)
     if kind == "iou":
-        return d, iou
+        return c.d, iou
 
     if kind == "giou":
         # dU / C - (U / C^2) dC with the unclamped I, U, dI; on the edges dU = dX - dI, dX = (-S_o, S_o)
         # dC_e on the edges, mapped: b_hi - b_lo on x, b_hi + b_lo on w
-        torch.sub(b_hi, b_lo, out=c.buf("b_diff"))
-        b_lo.add_(b_hi)
-        b_diff_r, b_sum_r = c.rows("b_diff"), c.rows("s_lo")  # b_lo lives in s_lo's buffer
-        inter_u = torch.mul(*iext_r, out=inter)
-        union_u = torch.add(area, c.area_g, out=c.buf("union_u", 1)).sub_(inter_u)
-        inv_c = torch.mul(*cext_r, out=c.buf("inv_c", 1)).reciprocal_()
-        u_c2 = union_u.mul_(inv_c).mul_(inv_c)  # U / C^2
-        _mul_swapped(iext_r, a_diff_r, tmp_r)
-        d_pos.addcmul_(tmp, inv_c, value=-1)
-        _mul_swapped(cext_r, b_diff_r, tmp_r)
-        d_pos.addcmul_(tmp, u_c2, value=-1)
-        _mul_swapped(iext_r, a_sum_r, tmp_r)
-        d_size.addcmul_(tmp, inv_c, value=-1)
-        _addcmul_swapped(d_size_r, size_r, inv_c, value=2)
-        _mul_swapped(cext_r, b_sum_r, tmp_r)
-        d_size.addcmul_(tmp, u_c2, value=-1)
-        return d, iou
+        b_diff = torch.sub(b_hi, b_lo, out=buf.b_diff)
+        b_sum = torch.add(b_lo, b_hi, out=buf.b_sum)
+        i_ext_o = c.other(i_ext, out=buf.i_ext_o)
+        c_ext_o = c.other(c_ext, out=buf.c_ext_o)  # C_o
+        inter_u = torch.mul(i_ext[0], i_ext[1], out=buf.inter_u)
+        union_u = torch.add(area, c.area_g, out=buf.union_u).sub_(inter_u)
+        inv_c = torch.mul(c_ext[0], c_ext[1], out=buf.inv_c).reciprocal_()  # 1 / C
+        u_c2 = torch.mul(union_u, inv_c, out=buf.u_c2).mul_(inv_c)  # U / C^2
+        tmp = buf.tmp
+        d_pos.addcmul_(torch.mul(i_ext_o, a_diff, out=tmp), inv_c, value=-1)  # dI/dx, the unclamped I
+        d_pos.addcmul_(torch.mul(c_ext_o, b_diff, out=tmp), u_c2, value=-1)  # dC/dx
+        d_size.addcmul_(torch.mul(i_ext_o, a_sum, out=tmp), inv_c, value=-1)  # dI/dw
+        c.d_w.addcmul_(c.h, inv_c, value=2)  # dX/dw = S_o, doubled by the edges' map
+        c.d_h.addcmul_(c.w, inv_c, value=2)
+        d_size.addcmul_(torch.mul(c_ext_o, b_sum, out=tmp), u_c2, value=-1)  # dC/dw
+        return c.d, iou
 
     # DIoU: the distance part, with the authors' sign of the enclosing-box term on the centre
-    u = torch.sub(c.pos, c.pos_g, out=c.buf("u"))  # (x - x_g, y - y_g)
-    u0, u1 = c.rows("u")
-    inv_c2 = torch.mul(cext_r[0], cext_r[0], out=c.buf("inv_c2", 1)).addcmul_(cext_r[1], cext_r[1]).reciprocal_()
-    rho2_c4 = torch.mul(u0, u0, out=c.buf("rho2_c4", 1)).addcmul_(u1, u1).mul_(inv_c2).mul_(inv_c2)
+    u = torch.sub(c.pos, c.pos_g, out=buf.u)  # (x - x_g, y - y_g)
+    c_w, c_h = c_ext
+    inv_c2 = torch.mul(c_w, c_w, out=buf.inv_c2).addcmul_(c_h, c_h).reciprocal_()  # 1 / c^2
+    u_x, u_y = u
+    rho2_c4 = torch.mul(u_x, u_x, out=buf.rho2_c4).addcmul_(u_y, u_y).mul_(inv_c2).mul_(inv_c2)  # rho^2 / c^4
     d_pos.addcmul_(u, inv_c2, value=-2)  # 2 (x_g - x) c^2 / c^4
-    c_rho2_c4 = torch.mul(cext, rho2_c4, out=tmp)  # C_e rho^2 / c^4
-    d_pos.addcmul_(torch.sub(b_hi, b_lo, out=c.buf("dc")), c_rho2_c4, value=-2)  # dC_e/dx = b_hi - b_lo
+    c_rho2_c4 = torch.mul(c_ext, rho2_c4, out=buf.c_rho2_c4)  # C_e rho^2 / c^4
+    dce_dx = torch.sub(b_hi, b_lo, out=buf.dce_dx)  # dC_e/dx
+    d_pos.addcmul_(dce_dx, c_rho2_c4, value=-2)
     # dC_e/dw (chain rule, as the authors' Cr.dw - Cl.dw): 1/2 per owned enclosing edge, forced to -1
     # when both are owned; with s = b_lo + b_hi in {0, 1, 2} that is s (3/2 - s)
-    b_sum = b_lo.add_(b_hi)
-    dc_dsize = torch.sub(1.5, b_sum, out=c.buf("dc")).mul_(b_sum)
-    d_size.addcmul_(dc_dsize, c_rho2_c4, value=2)
+    b_sum = torch.add(b_lo, b_hi, out=buf.b_sum)
+    dce_dw = torch.sub(1.5, b_sum, out=buf.dce_dw).mul_(b_sum)
+    d_size.addcmul_(dce_dw, c_rho2_c4, value=2)
     if kind == "diou":
-        return d, iou
+        return c.d, iou
 
     # CIoU: alpha 8/pi^2 (atan(w_g/h_g) - atan(w/h)) (h, -w) on (w, h)
-    dtheta = torch.div(*size_r, out=c.buf("dtheta", 1)).atan_().neg_().add_(c.atan_g)
-    v = torch.mul(dtheta, dtheta, out=c.buf("v", 1)).mul_(_FOUR_OVER_PI2)
-    alpha = v.div_(torch.sub(v, iou, out=inter).add_(1 + 1e-7))
-    k = alpha.mul_(dtheta).mul_(_EIGHT_OVER_PI2)
-    d_size_r[0].addcmul_(k, size_r[1])
-    d_size_r[1].addcmul_(k, size_r[0], value=-1)
-    return d, iou
+    dtheta = torch.div(c.w, c.h, out=buf.dtheta).atan_().neg_().add_(c.atan_g)  # atan(w_g/h_g) - atan(w/h)
+    v = torch.mul(dtheta, dtheta, out=buf.v).mul_(_FOUR_OVER_PI2)
+    # k = alpha 8/pi^2 dtheta with alpha = v / (1 - IoU + v + 1e-7), held constant
+    k = torch.div(v, torch.sub(v, iou, out=buf.k).add_(1 + 1e-7), out=buf.k).mul_(dtheta).mul_(_EIGHT_OVER_PI2)
+    c.d_w.addcmul_(k, c.h)
+    c.d_h.addcmul_(k, c.w, value=-1)
+    return c.d, iou
 
 
 def _exact_direction(loss: str, c: _Chunk) -> tuple[Tensor, Tensor]:
@@ -387,77 +395,79 @@ def _exact_direction(loss: str, c: _Chunk) -> tuple[Tensor, Tensor]:
     * l1, l2, smooth_l1 (beta = 1) on e = (x, y, w, h) - (x_g, y_g, w_g, h_g): -sign(e), -2 e,
       -clamp(e / beta, -1, 1).
     """
-    s_lo, s_hi, iext, cext = _geometry(c)
-    size_r, cext_r = c.size_rows, c.rows("cext")
-    ic = iext.clamp_(min=0)
-    ic_r = c.rows("iext")
-    inter = torch.mul(*ic_r, out=c.buf("inter", 1))
-    area = torch.mul(*size_r, out=c.buf("area", 1))
-    union = torch.add(area, c.area_g, out=c.buf("union", 1)).sub_(inter).add_(_EPS)  # U + eps
-    iou = torch.div(inter, union, out=c.buf("iou", 1))
-    d, d_pos, d_size, d_pos_r, d_size_r = c.d, c.d_pos, c.d_size, c.d_pos_rows, c.d_size_rows
+    buf, d, d_pos, d_size = c.buf, c.d, c.d_pos, c.d_size
+    lo, hi, s_lo, s_hi, c_ext = _geometry(c)  # [2, n] each
+    ic = _intersection(c, lo, hi, out=buf.ic).clamp_(min=0)  # the losses' clamped I_e
+    inter = torch.mul(ic[0], ic[1], out=buf.inter)
+    area = torch.mul(c.w, c.h, out=buf.area)  # X
+    union_eps = torch.add(area, c.area_g, out=buf.union_eps).sub_(inter).add_(_EPS)  # U~
+    iou = torch.div(inter, union_eps, out=buf.iou)
     if loss not in PAPER_LOSSES:
-        diff = torch.sub(c.targets, c.boxes, out=d)  # G - B
+        torch.sub(c.targets, c.boxes, out=d)  # G - B = -e
         if loss == "l1":
-            diff.sign_()
+            d.sign_()
         elif loss == "l2":
-            diff.mul_(2)
+            d.mul_(2)
         else:
-            diff.div_(_SMOOTH_L1_BETA).clamp_(-1, 1)
+            d.div_(_SMOOTH_L1_BETA).clamp_(-1, 1)
         return d, iou
 
-    tmp, tmp_r = c.buf("tmp"), c.rows("tmp")
-    di_dx = torch.add(s_lo, s_hi, out=c.buf("di_dx")).mul_(-0.5)
-    di_dw = s_lo.sub_(s_hi).add_(2).mul_(0.25)
-    di_dx_r, di_dw_r = c.rows("di_dx"), c.rows("s_lo")
+    ic_o = c.other(ic, out=buf.ic_o)  # I_o
+    die_dx = torch.add(s_lo, s_hi, out=buf.die_dx).mul_(-0.5)  # dI_e/dx
+    die_dw = torch.sub(s_lo, s_hi, out=buf.die_dw).add_(2).mul_(0.25)  # dI_e/dw
     # 1 / U~^2 where both extents are > 0 (the intersection has no gradient elsewhere), else 0
-    g = torch.sign(inter, out=c.buf("g", 1)).div_(union).div_(union)
-    w_i = torch.add(union, inter, out=c.buf("w_i", 1)).mul_(g)  # (U~ + I) / U~^2
-    _mul_swapped(ic_r, di_dx_r, d_pos_r)
-    _mul_swapped(ic_r, di_dw_r, d_size_r)
-    d.mul_(w_i)
-    _addcmul_swapped(d_size_r, size_r, w_i.copy_(inter).mul_(g), value=-1)  # - I dX / U~^2
+    g = torch.sign(inter, out=buf.g).div_(union_eps).div_(union_eps)
+    w_i = torch.add(union_eps, inter, out=buf.w_i).mul_(g)  # (U~ + I) / U~^2
+    i_u2 = torch.mul(inter, g, out=buf.i_u2)  # I / U~^2
+    # (U~ + I) dI / U~^2 with dI/dx = I_o dI_e/dx, dI/dw = I_o dI_e/dw, likewise y, h
+    torch.mul(ic_o, die_dx, out=d_pos).mul_(w_i)
+    torch.mul(ic_o, die_dw, out=d_size).mul_(w_i)
+    c.d_w.addcmul_(c.h, i_u2, value=-1)  # - I dX / U~^2 with dX/dw = h, dX/dh = w
+    c.d_h.addcmul_(c.w, i_u2, value=-1)
     if loss == "iou":
         return d, iou
 
+    dce_dw = torch.sub(1, die_dw, out=buf.dce_dw)  # dC_e/dw = 1 - dI_e/dw
     if loss == "giou":
         # dU / C~ - (U~ / C~^2) dC with dU = dX - dI (dI masked where the boxes do not overlap)
-        inv_c = torch.mul(*cext_r, out=c.buf("inv_c", 1)).add_(_EPS).reciprocal_()
-        u_c2 = union.mul_(inv_c).mul_(inv_c)
-        ov_c = g.sign_().mul_(inv_c)
-        _mul_swapped(ic_r, di_dx_r, tmp_r)
-        d_pos.addcmul_(tmp, ov_c, value=-1)
-        _mul_swapped(cext_r, di_dx_r, tmp_r)
-        d_pos.addcmul_(tmp, u_c2)  # dC_e/dx = -dI_e/dx
-        _mul_swapped(ic_r, di_dw_r, tmp_r)
-        d_size.addcmul_(tmp, ov_c, value=-1)
-        _addcmul_swapped(d_size_r, size_r, inv_c, value=1)
-        di_dw.neg_().add_(1)  # dC_e/dw = 1 - dI_e/dw
-        _mul_swapped(cext_r, di_dw_r, tmp_r)
-        d_size.addcmul_(tmp, u_c2, value=-1)
+        c_ext_o = c.other(c_ext, out=buf.c_ext_o)  # C_o
+        inv_c = torch.mul(c_ext[0], c_ext[1], out=buf.inv_c).add_(_EPS).reciprocal_()  # 1 / C~
+        u_c2 = torch.mul(union_eps, inv_c, out=buf.u_c2).mul_(inv_c)  # U~ / C~^2
+        ov_c = torch.sign(inter, out=buf.ov_c).mul_(inv_c)  # 1 / C~ where the boxes overlap
+        tmp = buf.tmp
+        d_pos.addcmul_(torch.mul(ic_o, die_dx, out=tmp), ov_c, value=-1)  # dI/dx
+        d_pos.addcmul_(torch.mul(c_ext_o, die_dx, out=tmp), u_c2)  # -dC/dx = C_o dI_e/dx
+        d_size.addcmul_(torch.mul(ic_o, die_dw, out=tmp), ov_c, value=-1)  # dI/dw
+        c.d_w.addcmul_(c.h, inv_c, value=1)  # dX/dw / C~
+        c.d_h.addcmul_(c.w, inv_c, value=1)
+        d_size.addcmul_(torch.mul(c_ext_o, dce_dw, out=tmp), u_c2, value=-1)  # dC/dw = C_o dC_e/dw
         return d, iou
 
-    u = torch.sub(c.pos, c.pos_g, out=c.buf("u"))  # (x - x_g, y - y_g)
-    u0, u1 = c.rows("u")
-    inv_c2 = torch.mul(cext_r[0], cext_r[0], out=c.buf("inv_c2", 1)).addcmul_(cext_r[1], cext_r[1])
-    inv_c2.add_(_EPS).reciprocal_()
-    rho2_c4 = torch.mul(u0, u0, out=c.buf("rho2_c4", 1)).addcmul_(u1, u1).mul_(inv_c2).mul_(inv_c2)
+    u = torch.sub(c.pos, c.pos_g, out=buf.u)  # (x - x_g, y - y_g)
+    c_w, c_h = c_ext
+    inv_c2 = torch.mul(c_w, c_w, out=buf.inv_c2).addcmul_(c_h, c_h).add_(_EPS).reciprocal_()  # 1 / c^2
+    u_x, u_y = u
+    rho2_c4 = torch.mul(u_x, u_x, out=buf.rho2_c4).addcmul_(u_y, u_y).mul_(inv_c2).mul_(inv_c2)  # rho^2 / c^4
     d_pos.addcmul_(u, inv_c2, value=-2)
-    d_pos.addcmul_(di_dx.mul_(cext), rho2_c4, value=-2)  # + 2 rho^2 C_e dC_e/dx / c^4, dC_e/dx = -dI_e/dx
-    d_size.addcmul_(di_dw.neg_().add_(1).mul_(cext), rho2_c4, value=2)  # dC_e/dw = 1 - dI_e/dw
+    # + 2 rho^2 C_e dC_e / c^4 with dC_e/dx = -dI_e/dx
+    d_pos.addcmul_(torch.mul(die_dx, c_ext, out=buf.tmp), rho2_c4, value=-2)
+    d_size.addcmul_(torch.mul(dce_dw, c_ext, out=buf.tmp), rho2_c4, value=2)
     if loss == "diou":
         return d, iou
 
     # CIoU, boxes of positive size (the losses clamp w, h at 0 first)
-    w = size_r[0]
-    h = size_r[1]
-    dtheta = torch.div(w, h, out=c.buf("dtheta", 1)).atan_().neg_().add_(c.atan_g)
-    v = torch.mul(dtheta, dtheta, out=c.buf("v", 1)).mul_(_FOUR_OVER_PI2)
-    alpha = v.div_(torch.sub(v, iou, out=inter).add_(1 + _EPS))
-    norm = torch.mul(w, w, out=c.buf("norm", 1)).addcmul_(h, h)  # w^2 + h^2
-    k = alpha.mul_(dtheta).mul_(_EIGHT_OVER_PI2).div_(norm)
-    d_size_r[0].addcmul_(k, h)
-    d_size_r[1].addcmul_(k, w, value=-1)
+    dtheta = torch.div(c.w, c.h, out=buf.dtheta).atan_().neg_().add_(c.atan_g)  # atan(w_g/h_g) - atan(w/h)
+    v = torch.mul(dtheta, dtheta, out=buf.v).mul_(_FOUR_OVER_PI2)
+    norm = torch.mul(c.w, c.w, out=buf.norm).addcmul_(c.h, c.h)  # w^2 + h^2
+    # k = alpha 8/pi^2 dtheta / (w^2 + h^2) with alpha = v / (1 - IoU + v + eps), held constant
+    k = (
+        torch.div(v, torch.sub(v, iou, out=buf.k).add_(1 + _EPS), out=buf.k)  # alpha
+        .mul_(dtheta)
+        .mul_(_EIGHT_OVER_PI2)
+        .div_(norm)
+    )
+    c.d_w.addcmul_(k, c.h)
+    c.d_h.addcmul_(k, c.w, value=-1)
     return d, iou
 
 
@@ -518,9 +528,10 @@ def _autograd_direction(loss: str, grad: str, c: _Chunk) -> tuple[Tensor, Tensor
             leaf = boxes.requires_grad_()
             (g,) = torch.autograd.grad(value(leaf.T, c.targets.T), leaf)
             d = g.neg_()
-    ic = _geometry(c)[2].clamp_(min=0)
+    lo, hi = _geometry(c)[:2]
+    ic = _intersection(c, lo, hi, out=c.buf.ic).clamp_(min=0)
     inter = ic[0] * ic[1]
-    return d, inter / (c.size[0] * c.size[1] + c.area_g - inter + _EPS)
+    return d, inter / (c.w * c.h + c.area_g - inter + _EPS)
 
 
 def _direction(loss: str, mode: str, grad: str, c: _Chunk) -> tuple[Tensor, Tensor]:
@@ -629,22 +640,20 @@ def _run_chunk(
     """Run the cases of ``centres`` through all iterations: (total error [T+1], point error, boxes)."""
     anchors, targets = make_cases(centres, dtype, device)
     c = _Chunk(anchors, targets)
-    boxes = c.boxes
-    err = torch.empty_like(boxes)
+    boxes, buf = c.boxes, c.buf
     errors = torch.empty(iterations + 1, dtype=dtype, device=device)
-    errors[0] = torch.sub(boxes, targets, out=err).abs_().sum()
+    error = torch.sub(boxes, targets, out=buf.error).abs_()  # [4, n] |B_t - G| per coordinate
+    errors[0] = error.sum()
     for t in range(1, iterations + 1):
         d, iou = _direction(loss, mode, grad, c)
         # B_t = B_{t-1} + eta (2 - IoU_{t-1}) D_{t-1}
         eta = step_size(t)
-        boxes.addcmul_(d, iou.mul_(-eta).add_(2 * eta))
-        errors[t] = torch.sub(boxes, targets, out=err).abs_().sum()
-    final = err.sum(0).view(-1, CASES_PER_POINT).sum(1)  # [k] final error summed per centre
+        boxes.addcmul_(d, torch.mul(iou, -eta, out=buf.step).add_(2 * eta))
+        error = torch.sub(boxes, targets, out=buf.error).abs_()
+        errors[t] = error.sum()
+    final = error.sum(0).view(-1, CASES_PER_POINT).sum(1)  # [k] final error summed per centre
     boxes = boxes.T.cpu() if keep_boxes else None
     return errors.double().cpu(), final.double().cpu(), boxes
-
-
-_THREADS_LOCK = threading.Lock()
 
 
 def simulate(
@@ -658,7 +667,7 @@ def simulate(
     device: str | torch.device = "cpu",
     grad: str = "analytic",
     chunk_points: int | None = None,
-    workers: int | None = None,
+    workers: int = 1,
     keep_boxes: bool = False,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> SimulationResult:
@@ -682,8 +691,11 @@ def simulate(
         chunk_points: centres per chunk (a chunk runs all iterations before the next). Default: 128
             on a CPU (43,904 cases: its working set stays in the last-level cache, and ops are long
             enough to amortise their dispatch), all points on other devices.
-        workers: CPU threads running chunks at once (torch's intra-op threads are set to 1 while
-            they run). Default: ``torch.get_num_threads()`` on a CPU, 1 elsewhere.
+        workers: CPU threads running chunks at once (default 1; always 1 on other devices). Each
+            op still runs on torch's intra-op threads, which this function leaves as the caller
+            set them: with several workers, set those to 1 (``OMP_NUM_THREADS=1`` or
+            ``torch.set_num_threads(1)``, as ``tools/simulate.py`` does) so that the two kinds of
+            thread do not oversubscribe the cores.
         keep_boxes: also return the final boxes ``[cases, 4]``.
         progress: called as ``progress(cases_done, cases_total, seconds)`` after every chunk.
 
@@ -701,8 +713,6 @@ def simulate(
     if chunk_points is None:
         chunk_points = 128 if cpu else points
     _check_int("chunk_points", chunk_points, minimum=1)
-    if workers is None:
-        workers = torch.get_num_threads() if cpu else 1
     _check_int("workers", workers, minimum=1)
 
     centres = anchor_centres(points, seed)
@@ -716,31 +726,21 @@ def simulate(
         return _run_chunk(loss, mode, grad, c, iterations, dtype, device, keep_boxes)
 
     workers = min(workers, len(chunks)) if cpu else 1
-    with torch.no_grad():
-        if workers == 1:
-            results = map(run, chunks)
-            pool = None
-        else:
-            # chunks in parallel threads (ops release the GIL), one intra-op thread each
-            _THREADS_LOCK.acquire()
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            pool = ThreadPoolExecutor(workers)
-            results = pool.map(run, chunks)
-        try:
-            for c, (err, per_point, final) in zip(chunks, results):
-                total += err
-                point_error.append(per_point)
-                if final is not None:
-                    boxes.append(final)
-                done += len(c) * CASES_PER_POINT
-                if progress is not None:
-                    progress(done, num_cases(points), time.perf_counter() - start)
-        finally:
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
-                torch.set_num_threads(threads)
-                _THREADS_LOCK.release()
+    # chunks in parallel threads: torch's ops release the GIL
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    try:
+        results = map(run, chunks) if pool is None else pool.map(run, chunks)
+        for c, (err, per_point, final) in zip(chunks, results):
+            total += err
+            point_error.append(per_point)
+            if final is not None:
+                boxes.append(final)
+            done += len(c) * CASES_PER_POINT
+            if progress is not None:
+                progress(done, num_cases(points), time.perf_counter() - start)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     return SimulationResult(
         loss=loss,
         mode=mode,

@@ -34,6 +34,7 @@ import os
 import platform
 import sys
 import time
+from contextlib import contextmanager
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import cpu_name, run_tool  # noqa: E402  (also puts the repo root on sys.path)
@@ -87,6 +88,22 @@ def save_png(fig, path: str, dpi: int) -> None:
     fig.savefig(buf, format="png", dpi=dpi)
     image = Image.open(buf).convert("RGB").quantize(colors=256)
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG", optimize=True))
+
+
+@contextmanager
+def intra_op_threads(n: int | None):
+    """torch's intra-op threads set to ``n`` in this process for the block (None: left as they are).
+
+    Restored afterwards: :func:`main` also runs inside other processes (the tests).
+    """
+    threads = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n is not None:
+            torch.set_num_threads(threads)
 
 
 def fmt(value: float) -> str:
@@ -195,7 +212,9 @@ def main(argv=None) -> dict:
                    help="exact mode's gradients: closed form, autograd through boxloss's losses, or the reference")
     p.add_argument("--chunk-points", type=int, default=None,
                    help="centres per chunk (default: 128 on a CPU, all on a GPU)")
-    p.add_argument("--workers", type=int, default=None, help="CPU threads running chunks (default: torch's threads)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="CPU threads running chunks (default: torch's threads); with more than one, torch's "
+                   "intra-op threads are set to 1 in this process while the simulations run")
     p.add_argument("--out", default=None, help="output directory (default: work_dirs/simulate_MODE)")
     args = p.parse_args(argv)
     if "all" in args.losses:
@@ -222,6 +241,10 @@ def main(argv=None) -> dict:
     os.makedirs(out, exist_ok=True)
     dtype = getattr(torch, args.dtype)
     losses = list(dict.fromkeys(args.losses))
+    cpu = device.type == "cpu"
+    chunk_points = args.chunk_points or (128 if cpu else args.points)
+    # worker threads that actually run: no more than there are chunks
+    workers = min(args.workers or torch.get_num_threads(), -(-args.points // chunk_points)) if cpu else 1
 
     load_start = os.getloadavg()
     config = {
@@ -229,10 +252,8 @@ def main(argv=None) -> dict:
         "losses": losses,
         "out": out,
         "cases": sim.num_cases(args.points),
-        "chunk_points": args.chunk_points or (128 if device.type == "cpu" else args.points),
-        # worker threads that actually run: no more than there are chunks
-        "workers": min(args.workers or torch.get_num_threads(), -(-args.points // (args.chunk_points or 128)))
-        if device.type == "cpu" else 1,
+        "chunk_points": chunk_points,
+        "workers": workers,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": f"{cpu_name()}, {os.cpu_count()} CPUs"
@@ -259,31 +280,33 @@ def main(argv=None) -> dict:
     }
     point_errors, centres = {}, None
     start = time.perf_counter()
-    for name in losses:
-        shown = [0]
+    # the chunks are the parallelism: one intra-op thread per worker thread, no oversubscription
+    with intra_op_threads(1 if workers > 1 else None):
+        for name in losses:
+            shown = [0]
 
-        def progress(done, total, seconds, name=name, shown=shown):
-            # a line per tenth of the cases
-            if done * 10 // total > shown[0] or done == total:
-                shown[0] = done * 10 // total
-                print(f"[{args.mode} {name}] {done:,}/{total:,} cases ({100 * done / total:.0f}%) {seconds:.1f} s",
-                      flush=True)
+            def progress(done, total, seconds, name=name, shown=shown):
+                # a line per tenth of the cases
+                if done * 10 // total > shown[0] or done == total:
+                    shown[0] = done * 10 // total
+                    print(f"[{args.mode} {name}] {done:,}/{total:,} cases ({100 * done / total:.0f}%) {seconds:.1f} s",
+                          flush=True)
 
-        r = sim.simulate(name, mode=args.mode, points=args.points, iterations=args.iters, seed=args.seed,
-                         dtype=dtype, device=device, grad=args.grad, chunk_points=args.chunk_points,
-                         workers=args.workers, progress=progress)
-        curve = r.total_error.tolist()
-        summary["losses"][name] = {
-            "total_error": curve,
-            "final_error": r.final_error,
-            "seconds": round(r.seconds, 3),
-            "iterations_to_1pct": sim.iterations_to_fraction(r.total_error, 0.01),
-            "direction": DIRECTIONS[args.mode][name],
-            "grad": r.grad,
-        }
-        point_errors[name], centres = r.point_error, r.centres
-        print(f"[{args.mode} {name}] total error {fmt(curve[0])} -> {fmt(r.final_error)} at t={args.iters}, "
-              f"{r.seconds:.1f} s", flush=True)
+            r = sim.simulate(name, mode=args.mode, points=args.points, iterations=args.iters, seed=args.seed,
+                             dtype=dtype, device=device, grad=args.grad, chunk_points=chunk_points,
+                             workers=workers, progress=progress)
+            curve = r.total_error.tolist()
+            summary["losses"][name] = {
+                "total_error": curve,
+                "final_error": r.final_error,
+                "seconds": round(r.seconds, 3),
+                "iterations_to_1pct": sim.iterations_to_fraction(r.total_error, 0.01),
+                "direction": DIRECTIONS[args.mode][name],
+                "grad": r.grad,
+            }
+            point_errors[name], centres = r.point_error, r.centres
+            print(f"[{args.mode} {name}] total error {fmt(curve[0])} -> {fmt(r.final_error)} at t={args.iters}, "
+                  f"{r.seconds:.1f} s", flush=True)
     summary["seconds"] = round(time.perf_counter() - start, 3)
     summary["load_average"] = {"start": round(load_start[0], 2), "end": round(os.getloadavg()[0], 2)}
 

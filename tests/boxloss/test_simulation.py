@@ -298,7 +298,7 @@ def test_autograd_losses_run(loss):
 
 def test_point_errors_chunking_workers_and_determinism():
     a = sim.simulate("diou", mode="paper", points=20, iterations=40, dtype=F64)
-    b = sim.simulate("diou", mode="paper", points=20, iterations=40, dtype=F64, chunk_points=3, workers=1)
+    b = sim.simulate("diou", mode="paper", points=20, iterations=40, dtype=F64, chunk_points=3, workers=2)
     torch.testing.assert_close(a.total_error, b.total_error, rtol=1e-9, atol=0)
     torch.testing.assert_close(a.point_error, b.point_error, rtol=1e-9, atol=1e-12)
     assert a.point_error.shape == (20,)
@@ -309,6 +309,32 @@ def test_point_errors_chunking_workers_and_determinism():
     # float32 follows float64
     f = sim.simulate("diou", mode="paper", points=20, iterations=40)
     torch.testing.assert_close(f.total_error, a.total_error, rtol=1e-4, atol=0)
+
+
+def test_workers_leave_torch_threads_to_the_caller(monkeypatch):
+    threads = torch.get_num_threads()
+
+    def refuse(n):
+        raise AssertionError(f"simulate() called torch.set_num_threads({n})")
+
+    monkeypatch.setattr(torch, "set_num_threads", refuse)
+    a = sim.simulate("ciou", points=6, iterations=20, dtype=F64, chunk_points=2, workers=3)
+    b = sim.simulate("ciou", points=6, iterations=20, dtype=F64, chunk_points=2, workers=1)
+    assert torch.equal(a.total_error, b.total_error) and torch.equal(a.point_error, b.point_error)
+    assert torch.get_num_threads() == threads
+
+
+def test_steps_reuse_the_chunk_buffers():
+    # every quantity has its own buffer, allocated at the first step and reused after it
+    anchors, targets = sim.make_cases(sim.anchor_centres(2), F64)
+    for mode, losses in (("paper", sim.PAPER_LOSSES), ("exact", sim.ANALYTIC_LOSSES)):
+        for loss in losses:
+            c = sim._Chunk(anchors.clone(), targets)
+            d, iou = sim._direction(loss, mode, "analytic", c)
+            buffers = {name: t.data_ptr() for name, t in vars(c.buf).items() if isinstance(t, torch.Tensor)}
+            d2, iou2 = sim._direction(loss, mode, "analytic", c)
+            assert (d2.data_ptr(), iou2.data_ptr()) == (d.data_ptr(), iou.data_ptr())
+            assert {name: t.data_ptr() for name, t in vars(c.buf).items() if isinstance(t, torch.Tensor)} == buffers
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -393,8 +419,10 @@ def test_tool_writes_summary_table_and_plots(tmp_path, capsys):
         import simulate as tool
     finally:
         sys.path.pop(0)
+    threads = torch.get_num_threads()
     summary = tool.main(["--mode", "exact", "--losses", "giou", "l2", "--points", "6", "--iters", "30",
-                         "--out", str(tmp_path)])
+                         "--chunk-points", "3", "--workers", "2", "--out", str(tmp_path)])
+    assert torch.get_num_threads() == threads  # the tool's one intra-op thread per worker is undone
     for name in ("summary.json", "table.md", "curves.png", "final_error_map.png", "config.json"):
         assert (tmp_path / name).stat().st_size > 0
     saved = json.loads((tmp_path / "summary.json").read_text())
@@ -403,6 +431,7 @@ def test_tool_writes_summary_table_and_plots(tmp_path, capsys):
     for r in saved["losses"].values():
         assert len(r["total_error"]) == 31 and r["final_error"] == r["total_error"][-1] and r["seconds"] > 0
     assert saved == json.loads(json.dumps(summary))
+    assert saved["workers"] == 2 and json.loads((tmp_path / "config.json").read_text())["chunk_points"] == 3
     table = (tmp_path / "table.md").read_text()
     assert "| `giou` |" in table and "| `l2` |" in table and "t=20" in table and "t=50" not in table
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
