@@ -73,6 +73,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ._kernels import KINDS
+
 __all__ = [
     "LOSSES",
     "ANALYTIC_LOSSES",
@@ -93,7 +95,7 @@ __all__ = [
     "iterations_to_fraction",
 ]
 
-ANALYTIC_LOSSES = ("iou", "giou", "diou", "ciou", "l1", "l2", "smooth_l1")  # closed-form exact directions
+ANALYTIC_LOSSES = KINDS + ("l1", "l2", "smooth_l1")  # closed-form exact directions
 # name -> (boxloss.get_loss name, options): directions by autograd through the public loss
 AUTOGRAD_LOSSES = {
     "eiou": ("eiou", {}),
@@ -107,7 +109,7 @@ AUTOGRAD_LOSSES = {
     "focaler_ciou": ("ciou", {"focaler": (0.0, 0.95)}),  # the paper's default range
 }
 LOSSES = ANALYTIC_LOSSES + tuple(AUTOGRAD_LOSSES)
-PAPER_LOSSES = ("iou", "giou", "diou", "ciou")
+PAPER_LOSSES = KINDS  # the authors gave directions for the IoU family only
 MPDIOU_IMAGE_SIZE = (20.0, 20.0)  # the targets are centred at (10, 10), every anchor within 3 + 2 of it
 MODES = ("exact", "paper")
 GRADS = ("analytic", "loss", "autograd")
