@@ -1,18 +1,10 @@
 # RetinaNet R18-FPN on the built-in shapes data, sized for a 2-core CPU (the `make demo` job).
 # Trained from scratch (nothing can be downloaded): 128 px images, anchors fitted to 12-110 px
-# objects, a 64-channel FPN (the 256-channel heads would cost 3x the backbone at this size) with
-# GroupNorm in the head, AdamW, and an EMA of the weights (evaluated and saved in the checkpoint).
-# The FPN reads ResNet-18's layer2 and layer3 (C3, C4; P5 and P6 grow from P4): layer4 holds 8.4M
-# of the 11.2M trunk weights and a fifth of a step, and without it the model learns much faster.
-# Measured (CIoU, AP50 on the shapes val split; 2-core EPYC, OMP_WAIT_POLICY=PASSIVE):
-#   C3-C5, 6 epochs, step at 5, no EMA: 0.33; 7 epochs: 0.41; 8 epochs + EMA: 0.44 (63 s/epoch)
-#   C3-C5, 7 epochs, cosine decay (lr 1e-3): 0.29; batch 4: 20% slower per epoch
-#   C3-C4, 10 epochs, step at 9, EMA: 0.65 (AP 0.41), 50-53 s/epoch
-#   C3-C4, 8 epochs, step at 7, EMA: 0.51 (make demo 7 min 40 s)
-#   this config (C3-C4, 9 epochs, step at 8, EMA): 0.578 (AP 0.349), make demo 8 min 6 s
-# Other things tried: plain head + SGD 0.01: AP50 0.00 after 2 epochs (0.10 with AdamW); lr 2e-3
-# (C3-C4, 8 epochs): 0.49 vs 0.51; 96 px images: worse per epoch; freezing the stem and layer1: no
-# faster; 2 processes x 1 thread (gloo DDP): no faster than 1 process x 2 threads.
+# objects, a 64-channel FPN (256 channels: 2.3x slower steps) with GroupNorm in the head (a plain
+# head with SGD does not start learning in a few epochs), AdamW, and an EMA of the weights. The FPN
+# reads ResNet-18's layer2 and layer3 only: layer4 holds 8.4M of the 11.2M trunk weights and a sixth
+# of each epoch's time, and the model learns faster without it. The measurements behind each choice:
+# docs/training.md, "make demo".
 _base_ = [
     "_base_/models/retinanet_r50_fpn.py",
     "_base_/datasets/shapes.py",

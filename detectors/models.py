@@ -164,7 +164,7 @@ def build_detector(
               torchvision's: ``[2, 3, 4]`` for RetinaNet, whose P6/P7 extra levels then grow from
               the last one, ``[1, 2, 3, 4]`` for Faster R-CNN). Stages after the last one are not
               built into the model: ``[2, 3]`` drops layer4 (on ResNet-18 three quarters of the
-              weights and a third of a training step on 128 px images).
+              weights and a sixth of an epoch of the shapes recipe, docs/training.md).
             * ``head_norm_groups``: RetinaNet only: GroupNorm with this many groups after every
               head convolution (torchvision's ``retinanet_resnet50_fpn_v2`` uses 32); default
               None, no normalisation as in v1. Normalised heads train much faster from scratch.
