@@ -131,6 +131,16 @@ def assert_close_scaled(actual, expected, tol):
     torch.testing.assert_close(actual / scale, expected / scale, rtol=tol, atol=tol)
 
 
+def assert_same_loss_and_grads(got, want, tol, *, finite=False):
+    """``(loss, d/dpred, d/dtarget)`` triples agree: the loss to ``tol``, each gradient to ``tol`` of
+    its scale (:func:`assert_close_scaled`); ``finite`` also requires finite gradients."""
+    torch.testing.assert_close(got[0], want[0], rtol=tol, atol=tol)
+    for name, a, b in zip(("d/dpred", "d/dtarget"), got[1:], want[1:]):
+        if finite:
+            assert torch.isfinite(a).all(), name
+        assert_close_scaled(a, b, tol)
+
+
 # ---------------------------------------------------------------- parity with the reference
 
 
@@ -144,10 +154,7 @@ def test_parity_random_pairs(impl, kind, options, dtype, device):
     pred, target = pred.to(device), target.to(device)
     got = value_and_grads(IMPLEMENTATIONS[impl], pred, target, kind=kind, **options)
     want = value_and_grads(reference_loss, pred, target, kind=kind, **options)
-    torch.testing.assert_close(got[0], want[0], rtol=TOL[dtype], atol=TOL[dtype])
-    for name, a, b in zip(("d/dpred", "d/dtarget"), got[1:], want[1:]):
-        assert torch.isfinite(a).all(), name
-        assert_close_scaled(a, b, TOL[dtype])
+    assert_same_loss_and_grads(got, want, TOL[dtype], finite=True)
 
 
 @pytest.mark.parametrize("kind,options", VARIANTS, ids=VARIANT_IDS)
@@ -162,9 +169,7 @@ def test_parity_degenerate_boxes(kind, options, dtype, device):
         got = value_and_grads(IMPLEMENTATIONS[impl], pred, target, kind=kind, **options)
         want = value_and_grads(reference_loss, pred, target, kind=kind, **options)
         assert all(torch.isfinite(x).all() for x in got), got
-        torch.testing.assert_close(got[0], want[0], rtol=TOL[dtype], atol=TOL[dtype])
-        for a, b in zip(got[1:], want[1:]):
-            assert_close_scaled(a, b, TOL[dtype])
+        assert_same_loss_and_grads(got, want, TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -204,9 +209,7 @@ def test_matches_torchvision(impl, kind):
     pred, target = box_pairs(3000, seed=8)
     got = value_and_grads(IMPLEMENTATIONS[impl], pred, target, kind=kind)
     want = value_and_grads(lambda p, t, kind: peer[kind](p, t, reduction="none"), pred, target, kind=kind)
-    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
-    for a, b in zip(got[1:], want[1:]):
-        assert_close_scaled(a, b, 1e-6)
+    assert_same_loss_and_grads(got, want, 1e-6)
 
 
 @pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
@@ -255,9 +258,7 @@ def test_reductions_weights_and_grad_outputs(kind, reduction):
 
             want = value_and_grads(ref, pred, target, grad_out=got[0].new_ones(()) if reduction != "none" else None,
                                    kind=kind)
-            torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
-            for a, b in zip(got[1:], want[1:]):
-                assert_close_scaled(a, b, 1e-10)
+            assert_same_loss_and_grads(got, want, 1e-10)
 
 
 def test_batch_shapes_and_non_contiguous_inputs():
@@ -269,9 +270,7 @@ def test_batch_shapes_and_non_contiguous_inputs():
         got = value_and_grads(kernel_loss, p, t, kind="ciou")
         want = value_and_grads(reference_loss, p, t, kind="ciou")
         assert got[0].shape == p.shape[:-1] and got[1].shape == p.shape
-        torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
-        for a, b in zip(got[1:], want[1:]):
-            assert_close_scaled(a, b, 1e-10)
+        assert_same_loss_and_grads(got, want, 1e-10)
     # a single box [4] gives a scalar loss
     loss = kernel_loss(pred[0].requires_grad_(), target[0], kind="giou")
     assert loss.shape == ()

@@ -19,8 +19,8 @@ import torchvision.ops as tv
 import boxloss
 from boxloss import _kernels
 from box_cases import box_pairs, degenerate_pairs
-from test_kernels import (PUBLIC, TOL, VARIANT_IDS, VARIANTS, assert_close_scaled, reference_loss,
-                          value_and_grads)
+from test_kernels import (PUBLIC, TOL, VARIANT_IDS, VARIANTS, assert_close_scaled, assert_same_loss_and_grads,
+                          reference_loss, value_and_grads)
 
 triton = pytest.importorskip("triton")
 
@@ -44,10 +44,7 @@ def test_parity_random_pairs(interpret, kind, options, dtype):
     pred, target = box_pairs(N, seed=21, dtype=dtype)
     got = value_and_grads(tri, pred, target, kind=kind, **options)
     want = value_and_grads(reference_loss, pred, target, kind=kind, **options)
-    torch.testing.assert_close(got[0], want[0], rtol=TOL[dtype], atol=TOL[dtype])
-    for name, a, b in zip(("d/dpred", "d/dtarget"), got[1:], want[1:]):
-        assert torch.isfinite(a).all(), name
-        assert_close_scaled(a, b, TOL[dtype])
+    assert_same_loss_and_grads(got, want, TOL[dtype], finite=True)
 
 
 @pytest.mark.parametrize("kind,options", VARIANTS, ids=VARIANT_IDS)
@@ -58,9 +55,7 @@ def test_parity_degenerate_boxes(interpret, kind, options, dtype):
     got = value_and_grads(tri, pred, target, kind=kind, **options)
     want = value_and_grads(reference_loss, pred, target, kind=kind, **options)
     assert all(torch.isfinite(x).all() for x in got)
-    torch.testing.assert_close(got[0], want[0], rtol=TOL[dtype], atol=TOL[dtype])
-    for a, b in zip(got[1:], want[1:]):
-        assert_close_scaled(a, b, TOL[dtype])
+    assert_same_loss_and_grads(got, want, TOL[dtype])
 
 
 @pytest.mark.parametrize("kind", ["giou", "diou", "ciou"])
@@ -69,9 +64,7 @@ def test_matches_torchvision(interpret, kind):
     pred, target = box_pairs(300, seed=8)
     got = value_and_grads(tri, pred, target, kind=kind)
     want = value_and_grads(lambda p, t, kind: peer[kind](p, t, reduction="none"), pred, target, kind=kind)
-    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
-    for a, b in zip(got[1:], want[1:]):
-        assert_close_scaled(a, b, 1e-6)
+    assert_same_loss_and_grads(got, want, 1e-6)
 
 
 def test_saved_rows_grad_layouts_and_no_grad(interpret):
