@@ -24,3 +24,33 @@ def fake_cuda(monkeypatch):
     with FakeTensorMode(shape_env=ShapeEnv()) as mode:
         yield mode
 
+
+
+def _manager_classes():
+    """mmengine's named-singleton classes (MMLogger, MessageHub, DefaultScope, Visualizer, ...), if
+    mmengine is loaded at all (the boxloss tests never import it)."""
+    import sys
+
+    manager = sys.modules.get("mmengine.utils.manager")
+    if manager is None:
+        return []
+    found, todo = [], [manager.ManagerMixin]
+    while todo:
+        cls = todo.pop()
+        for sub in cls.__subclasses__():
+            found.append(sub)
+            todo.append(sub)
+    return [c for c in found if isinstance(getattr(c, "_instance_dict", None), dict)]
+
+
+@pytest.fixture(autouse=True)
+def _forget_mmengine_instances():
+    """Drop the mmengine instances a test created. They are keyed by the experiment name, which is
+    the config's name and the time to the second: a second in-process run within the same second
+    would otherwise get the first run's logger, whose handlers write to a capture stream pytest has
+    closed (a "--- Logging error ---" in the next test's stderr)."""
+    before = {cls: set(cls._instance_dict) for cls in _manager_classes()}
+    yield
+    for cls in _manager_classes():
+        for name in set(cls._instance_dict) - before.get(cls, set()):
+            del cls._instance_dict[name]

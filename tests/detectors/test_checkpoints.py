@@ -205,8 +205,11 @@ def test_outputs_keep_the_users_umask(finished):
 def test_ctrl_c_says_how_to_resume(tmp_path):
     cfg = tiny_config(tmp_path, str(tmp_path / "shapes"), epochs=50)
     work = tmp_path / "run"
+    # a job started in the background of a non-interactive shell (CI) inherits SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler: give the child the default disposition
     proc = subprocess.Popen([sys.executable, TRAIN, cfg, "--work-dir", str(work)], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     # any checkpoint: epoch_1.pth is pruned after epoch 6 (max_keep_ckpts=5), and a loaded machine
     # can let a poller miss its few seconds
