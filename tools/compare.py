@@ -355,7 +355,7 @@ def plot(runs: list[dict], losses: list[str], nms_names: list[str], results_dir:
         if len(curves) > 1:
             ax.fill_between(epochs, [min(v) for v in values], [max(v) for v in values], color=line.get_color(),
                             alpha=0.2, lw=0)
-    ax.set(xlabel="epoch", ylabel="COCO box AP (%)", title=f"{title}: validation AP (band: min-max over seeds)")
+    ax.set(xlabel="epoch", ylabel="COCO box AP (%)", title=f"{title}: validation AP\n(band: min-max over seeds)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = os.path.join(results_dir, "ap_per_epoch.png")
