@@ -219,7 +219,7 @@ def _diff_row(loss, pairs, nms, base_nms) -> str:
 
 # Keys that change how a run is carried out or logged, not what it computes: they stay out of the hash,
 # so that (say) turning on pinned memory does not make every finished run of a study look stale.
-_UNHASHED = ("work_dir", "visualizer", "log_processor", "log_level", "env_cfg", "default_hooks.logger",
+_UNHASHED = ("work_dir", "visualizer", "tensorboard", "log_processor", "log_level", "env_cfg", "default_hooks.logger",
              "model.data_preprocessor.non_blocking", "train_dataloader.pin_memory",
              "train_dataloader.num_workers", "train_dataloader.persistent_workers", "val_dataloader.pin_memory",
              "val_dataloader.num_workers", "val_dataloader.persistent_workers", "test_dataloader.pin_memory",
@@ -237,6 +237,8 @@ def resolved_hash(cfg) -> str:
             node = node.get(part) if node is not None else None
         if node is not None and last in node:
             node.pop(last)
+    if text.get("custom_hooks"):  # tensorboard=True adds this one; it only draws
+        text.custom_hooks = [h for h in text.custom_hooks if h.get("type") != "DetectionImagesHook"]
     return hashlib.sha256(text.pretty_text.encode()).hexdigest()[:16]
 
 

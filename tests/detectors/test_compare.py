@@ -1,6 +1,7 @@
 """tools/compare.py: statistics against hand-computed values, aggregation from committed result files,
 and no silent reuse of a run made with other options."""
 
+import glob
 import json
 import os
 import sys
@@ -105,7 +106,8 @@ def test_finished_run_is_reused_only_with_the_same_resolved_config(tmp_path, mon
         compare.run_one(other, "giou", 0)
 
 
-def test_hash_ignores_how_a_run_is_carried_out_but_not_what_it_computes(tmp_path):
+def test_hash_ignores_how_a_run_is_carried_out_but_not_what_it_computes(tmp_path, monkeypatch):
+    monkeypatch.setattr("detectors.engine.require_extra", lambda *a, **k: None)  # tensorboard need not be installed
     cfg = _tiny(tmp_path)
 
     def digest(**options):
@@ -117,6 +119,25 @@ def test_hash_ignores_how_a_run_is_carried_out_but_not_what_it_computes(tmp_path
 
     base = digest()
     assert digest(**{"train_dataloader.pin_memory": True, "train_dataloader.num_workers": 3,
-                     "model.data_preprocessor.non_blocking": True, "log_level": "DEBUG"}) == base
+                     "model.data_preprocessor.non_blocking": True, "log_level": "DEBUG", "tensorboard": True}) == base
     assert digest(**{"randomness.seed": 1}) != base
     assert digest(**{"optim_wrapper.optimizer.lr": 0.5}) != base
+
+
+def test_committed_study_runs_still_match_todays_configs():
+    """A config change that alters the resolved hash makes every committed study run look stale, and
+    docs/study/run.sh then refuses to continue: such a change must be deliberate (and re-run the study)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    configs = {"retinanet_shapes": "retinanet_r18_shapes.py", "retinanet_crowded": "retinanet_r18_shapes_crowded.py",
+               "faster_rcnn_shapes": "faster_rcnn_r18_shapes.py"}
+    checked = 0
+    for cell, config in configs.items():
+        for path in sorted(glob.glob(os.path.join(root, "docs", "study", cell, "runs", "*.json"))):
+            with open(path) as f:
+                record = json.load(f)
+            options = {"train_cfg.val_interval": 3, "randomness.seed": record["seed"]}  # docs/study/run.sh's
+            cfg = compare.load_config(os.path.join(root, "configs", config), box_loss=record["box_loss"],
+                                      work_dir="x", cfg_options=options)
+            assert compare.resolved_hash(cfg) == record["config_hash"], path
+            checked += 1
+    assert checked >= 12
